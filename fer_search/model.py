@@ -1,0 +1,87 @@
+"""The documented CNN family: TrialParams -> nn.Module."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from fer_search.space import TrialParams
+
+BASE_CHANNELS = (32, 64, 128, 256)
+HEAD_WIDTHS = (256, 128)  # the linear layers keep these whatever the width
+SPATIAL_AFTER_BLOCKS = 3  # 48 -> 24 -> 12 -> 6 -> 3 after four MaxPool2d(2)
+
+
+def build_model(params: TrialParams, num_classes: int = 7) -> nn.Module:
+    """Four conv blocks, then the head: a Sequential of named Sequentials, easy to list."""
+    channels = [round(c * params.width) for c in BASE_CHANNELS]
+    conv_dropouts = _conv_dropouts(params)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    in_ch = 1
+    for i, (out_ch, p) in enumerate(zip(channels, conv_dropouts), start=1):
+        layers[f"block{i}"] = _conv_block(in_ch, out_ch, params.convs_per_block, p)
+        in_ch = out_ch
+    features = in_ch * SPATIAL_AFTER_BLOCKS * SPATIAL_AFTER_BLOCKS
+    layers["head"] = _head(features, params.linear_depth, _head_dropout(params), num_classes)
+    return nn.Sequential(layers)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (the baseline has 981,191)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _conv_dropouts(params: TrialParams) -> list[float | None]:
+    """Dropout rate after each of the four blocks (None: no Dropout layer there)."""
+    patterns: dict[str, tuple[str | None, ...]] = {
+        "none": (None,) * 4,
+        "head": (None,) * 4,
+        "every": ("dropout_high",) * 4,
+        "alternate": ("dropout_high", None, "dropout_high", None),
+        "interlaced": ("dropout_high", "dropout_low", "dropout_high", "dropout_low"),
+    }
+    if params.dropout_pattern not in patterns:
+        raise ValueError(f"unknown dropout_pattern {params.dropout_pattern!r}")
+    names = patterns[params.dropout_pattern]
+    rates = [None if name is None else getattr(params, name) for name in names]
+    missing = sorted({name for name, rate in zip(names, rates) if name and rate is None})
+    if missing:
+        raise ValueError(f"dropout_pattern {params.dropout_pattern!r} needs {', '.join(missing)}")
+    return rates
+
+
+def _head_dropout(params: TrialParams) -> float | None:
+    if params.dropout_pattern == "none":
+        return None
+    if params.dropout_head is None:
+        raise ValueError(f"dropout_pattern {params.dropout_pattern!r} needs dropout_head")
+    return params.dropout_head
+
+
+def _conv_block(in_ch: int, out_ch: int, convs: int, dropout: float | None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k in range(convs):
+        layers += [nn.Conv2d(in_ch if k == 0 else out_ch, out_ch, 3, padding=1),
+                   nn.BatchNorm2d(out_ch), nn.ReLU()]
+    layers.append(nn.MaxPool2d(2))
+    if dropout is not None:
+        layers.append(nn.Dropout(float(dropout)))
+    return nn.Sequential(*layers)
+
+
+def _head(features: int, depth: int, dropout: float | None, num_classes: int) -> nn.Sequential:
+    """Flatten, then depth-1 hidden Linear -> BN -> ReLU -> [Dropout] stages, then the output."""
+    if depth not in (1, 2, 3):
+        raise ValueError(f"linear_depth must be 1, 2 or 3, not {depth!r}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    if depth == 1 and dropout is not None:
+        layers.append(nn.Dropout(float(dropout)))
+    in_f = features
+    for out_f in HEAD_WIDTHS[: depth - 1]:
+        layers += [nn.Linear(in_f, out_f), nn.BatchNorm1d(out_f), nn.ReLU()]
+        if dropout is not None:
+            layers.append(nn.Dropout(float(dropout)))
+        in_f = out_f
+    layers.append(nn.Linear(in_f, num_classes))
+    return nn.Sequential(*layers)

@@ -1,0 +1,99 @@
+"""model.pt: writing and safely loading a finalized model, and prediction on image files."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fer_search.augment import MEAN, STD
+from fer_search.data import decode_image
+from fer_search.errors import UserError
+from fer_search.model import build_model
+from fer_search.space import TrialParams
+from fer_search.train import logits_for
+
+FORMAT = "fer-search-model/1"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # float32, CPU, eval mode
+    params: TrialParams
+    classes: tuple[str, ...]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    label: str
+    probs: dict[str, float]
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor], params: TrialParams, classes: tuple[str, ...],
+               meta: dict[str, Any]) -> None:
+    """Write model.pt atomically: only tensors and plain values, so weights_only loading works."""
+    doc = {"format": FORMAT, "state_dict": state, "params": params.to_dict(), "classes": list(classes),
+           "normalization": {"mean": MEAN, "std": STD}, "meta": meta}
+    buffer = io.BytesIO()
+    torch.save(doc, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_atomic(path: Path, content: bytes) -> None:
+    """Temp name in the same folder, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+def load_model(path: Path | str) -> LoadedModel:
+    """A finalized model, without the study or the config; refuses files that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds objects other than tensors and plain values; refusing to load it "
+                        "(only model.pt files written by `fer-search finalize` are accepted)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable model file ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"{path}: not a fer-search model file (no format {FORMAT!r})")
+    norm = doc["normalization"]
+    if (norm["mean"], norm["std"]) != (MEAN, STD):
+        raise UserError(f"{path}: normalisation {norm} differs from this version's ({MEAN}, {STD})")
+    params = TrialParams.from_dict(doc["params"])
+    model = build_model(params, num_classes=len(doc["classes"]))
+    model.load_state_dict(doc["state_dict"])
+    return LoadedModel(model.eval(), params, tuple(doc["classes"]), doc.get("meta", {}))
+
+
+def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes, float32 on the CPU: how both predict and finalize's test metrics compute."""
+    return torch.softmax(logits_for(model, x.cpu()), dim=1)
+
+
+def predict_images(loaded: LoadedModel, paths: list[Path]) -> list[Prediction]:
+    """Each image is converted exactly as the data loader converts training images."""
+    arrays = []
+    for p in paths:
+        try:
+            raw = Path(p).read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read image {p}: {e.strerror}") from None
+        arrays.append(torch.from_numpy(decode_image(raw, str(p))[0]))
+    x = torch.stack(arrays).unsqueeze(1)
+    probs = probabilities(loaded.model, x)
+    return [Prediction(Path(p), loaded.classes[int(row.argmax())],
+                       {c: round(float(v), 6) for c, v in zip(loaded.classes, row)})
+            for p, row in zip(paths, probs)]

@@ -1,0 +1,175 @@
+"""Storage URLs -> tuned Optuna RDB storages (SQLite or PostgreSQL), and the artifact store."""
+
+from __future__ import annotations
+
+import random
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy import event
+from sqlalchemy.dialects import plugins
+from sqlalchemy.engine import CreateEnginePlugin
+
+from fer_search.errors import UserError
+
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+PG_POOL_SIZE = 2  # a worker uses one connection at a time (plus the heartbeat thread's)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Crash detection: a RUNNING trial silent for grace_period seconds is failed and retried."""
+
+    interval: int
+    grace_period: int
+    max_retry: int
+
+
+class SQLiteForConcurrency(CreateEnginePlugin):
+    """WAL, a busy timeout and BEGIN IMMEDIATE on every transaction of a SQLite engine.
+
+    Why by hand: Optuna takes only engine kwargs, and pysqlite begins transactions lazily. In
+    WAL mode a read transaction that then writes fails at once with SQLITE_BUSY, ignoring the
+    busy timeout, so concurrent workers would see "database is locked". Taking the write lock
+    at BEGIN makes every transaction wait its turn instead. A SQLAlchemy engine plugin is the one
+    hook that runs before Optuna's first connection (table creation).
+
+    Optuna's own set-up (schema stamping) nests a second connection inside a first in one
+    thread, which BEGIN IMMEDIATE would deadlock: until open_storage marks the engine ready,
+    transactions begin deferred.
+    """
+
+    def update_url(self, url: sqlalchemy.URL) -> sqlalchemy.URL:
+        return url  # the plugin takes no URL arguments
+
+    def engine_created(self, engine: sqlalchemy.Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below emits BEGIN
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: sqlalchemy.Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if engine in _IMMEDIATE else "BEGIN")
+
+
+_IMMEDIATE: weakref.WeakSet[sqlalchemy.Engine] = weakref.WeakSet()
+
+
+plugins.register("fer_search_sqlite", __name__, "SQLiteForConcurrency")
+
+
+def engine_kwargs_for(url: str) -> dict[str, Any]:
+    """Engine settings per backend (DESIGN.md, "Reliability")."""
+    if url.startswith("sqlite"):
+        return {"plugins": ["fer_search_sqlite"]}
+    if url.startswith("postgresql"):
+        # pre-ping: a connection the server dropped while a long trial trained is replaced, not
+        # fatal. Keepalives stop firewalls from silently dropping idle connections.
+        return {
+            "pool_pre_ping": True, "pool_size": PG_POOL_SIZE, "max_overflow": 1, "pool_recycle": 1800,
+            "connect_args": {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                             "keepalives_interval": 10, "keepalives_count": 3},
+        }
+    return {}
+
+
+def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
+    """An RDBStorage for `url`; bad URLs, missing drivers and unreachable servers -> UserError."""
+    _check_url(url)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    hb: dict[str, Any] = {}
+    if heartbeat is not None:
+        hb = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
+              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)}
+    # Several workers starting on an empty database race to create the tables; the loser sees
+    # an integrity or "already exists" error, and the tables are there when it tries again.
+    for attempt in range(5):
+        try:
+            storage = RDBStorage(url, engine_kwargs=engine_kwargs_for(url),
+                                 skip_table_creation=_tables_exist(url), **hb)
+            _IMMEDIATE.add(storage.engine)
+            return storage
+        except ImportError as e:
+            raise UserError(f"storage {_redacted(url)}: its database driver is not installed ({_driver_hint(url)})") from e
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random())
+        except sqlalchemy.exc.OperationalError as e:
+            if "already exists" in str(e) and attempt < 4:  # SQLite's form of the same race
+                time.sleep(0.2 + random.random())
+                continue
+            raise UserError(f"storage {_redacted(url)}: cannot connect: {_first_line(e.orig or e)}") from e
+    raise AssertionError("unreachable")
+
+
+def _tables_exist(url: str) -> bool:
+    """True when Optuna's tables are there, so later workers skip creating them (DESIGN.md)."""
+    if url.startswith("sqlite"):
+        return False  # SQLite creation runs under BEGIN IMMEDIATE, already serialised
+    engine = sqlalchemy.create_engine(url, **engine_kwargs_for(url))
+    try:
+        return sqlalchemy.inspect(engine).has_table("version_info")
+    finally:
+        engine.dispose()
+
+
+def _check_url(url: str) -> None:
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise UserError(f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
+                        "or postgresql://user:pass@host/db)") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
+        raise UserError(f"storage URL {_redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
+                        "(use sqlite or postgresql)")
+    try:
+        parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise UserError(f"storage URL {_redacted(url)}: unknown driver {parsed.drivername!r}") from None
+
+
+def _driver_hint(url: str) -> str:
+    return "pip install -e '.[postgres]'" if url.startswith("postgresql") else "install the driver for this URL"
+
+
+def _redacted(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def open_artifact_store(path: Path) -> FileSystemArtifactStore:
+    """The study's artifact store (checkpoints), shared by workers and served by the dashboard."""
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(path)
+
+
+def load_existing_study(url: str, name: str) -> optuna.Study:
+    """A study that must exist already (status, finalize, predict); UserError naming it otherwise."""
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        known = optuna.study.get_all_study_names(storage)
+        raise UserError(f"no study {name!r} in {_redacted(url)} (studies there: {', '.join(known) or 'none'}; "
+                        "start one with `fer-search run`)") from None

@@ -1,0 +1,212 @@
+"""The training loop: data resident on the device, batched augmentation, per-epoch callback."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_search.augment import augment_batch, normalize
+from fer_search.data import FerData
+from fer_search.model import build_model
+from fer_search.space import TrialParams
+
+EVAL_BATCH = 2048  # validation in a few large batches: one launch sequence, few syncs
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the loop needs beyond the architecture."""
+
+    epochs: int
+    seed: int
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    seconds: float
+    images_per_s: float
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_acc: float
+    best_state: dict[str, torch.Tensor]  # CPU copy of the weights at best_epoch
+    model: nn.Module  # the model at its last epoch
+
+
+# Called after every epoch with the epoch's record and a function that returns a checkpoint of
+# the whole training state (built only when asked: it copies the weights). It may raise to stop
+# training (the search raises optuna.TrialPruned through it).
+EpochCallback = Callable[[EpochRecord, Callable[[], dict[str, Any]]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when there is one, else cpu; 'cuda' without a GPU is the user's mistake."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from fer_search.errors import UserError
+
+        raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+    return device
+
+
+def configure_cpu_threads(processes: int) -> None:
+    """Share the cores between the worker processes of this machine (oversubscription halves speed)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
+
+
+def train_model(
+    params: TrialParams,
+    data: FerData,
+    settings: TrainSettings,
+    on_epoch: EpochCallback | None = None,
+    resume: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train `params` on data.train, validating on data.val every epoch."""
+    device = settings.device
+    cuda = device.type == "cuda"
+    torch.manual_seed(settings.seed)
+    model = build_model(params).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(model, params, cuda)
+    scheduler = _make_scheduler(optimizer, params, settings.epochs)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    x_val, y_val = data.val.x.to(device), data.val.y.to(device)
+
+    history: list[EpochRecord] = []
+    best_epoch, best_acc, best_state = 0, -1.0, {}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"].to(generator.get_state().device))
+        history = [EpochRecord(**r) for r in resume["history"]]
+        best_epoch, best_acc, best_state = resume["best_epoch"], resume["best_val_acc"], resume["best_state"]
+
+    for epoch in range(len(history) + 1, settings.epochs + 1):
+        start = time.perf_counter()
+        train_loss, train_acc = _train_one_epoch(model, optimizer, x_train, y_train, params.batch_size, generator, cuda)
+        train_seconds = time.perf_counter() - start
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
+        val_loss, val_acc = evaluate(model, x_val, y_val, autocast=cuda)
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
+        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr,
+                             time.perf_counter() - start, len(x_train) / train_seconds)
+        history.append(record)
+        if val_acc > best_acc:
+            best_epoch, best_acc = epoch, val_acc
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch is not None:
+            def checkpoint() -> dict[str, Any]:
+                return {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "history": [dataclasses.asdict(r) for r in history],
+                    "best_epoch": best_epoch, "best_val_acc": best_acc, "best_state": best_state,
+                }
+            on_epoch(record, checkpoint)
+    return TrainResult(history, best_epoch, best_acc, best_state, model)
+
+
+def _make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
+    # Adam's weight_decay is L2 on every parameter (as the documented model trained); AdamW decouples it.
+    cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=cuda or None)
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrialParams, epochs: int) -> Any:
+    if params.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+
+
+def _train_one_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    batch_size: int, generator: torch.Generator, cuda: bool,
+) -> tuple[float, float]:
+    """One pass over x in a seeded random order; returns (mean loss, accuracy) with one host sync."""
+    model.train()
+    n = len(x)
+    order = torch.randperm(n, generator=generator, device=x.device)
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    seen = 0
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a single image
+            continue
+        xb = augment_batch(x[idx], generator)
+        if cuda:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = y[idx]
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(idx)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+@torch.no_grad()
+def logits_for(model: nn.Module, x: torch.Tensor, *, autocast: bool = False, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """float32 logits of uint8 images x (N,1,48,48), on x's device, in eval mode."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb = normalize(x[i:i + batch])
+        if autocast:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+            out.append(model(xb).float())
+    return torch.cat(out) if out else torch.zeros((0, 7), device=x.device)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, autocast: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on uint8 images x with labels y."""
+    logits = logits_for(model, x, autocast=autocast)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return loss, acc
+
+
+def model_on_cpu(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A float32 CPU copy of `model` holding `state` (how test metrics and predict evaluate)."""
+    cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float()
+    cpu.load_state_dict(state)
+    return cpu.eval()

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny learnable FER2013 in the image-folder layout, cache folders, the real data set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_search.data import CLASSES
+
+# The class folders as the public download names them (alphabetical, unlike the label order).
+FOLDER_CLASSES = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+
+
+def tiny_image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A noisy 48x48 face stand-in whose bright bar says its class: rows for 0-2, columns for 3-5, diagonal for 6."""
+    image = rng.normal(70.0, 20.0, (48, 48))
+    band = slice(6 + 14 * (label % 3), 14 + 14 * (label % 3))
+    if label < 3:
+        image[band, :] += 140
+    elif label < 6:
+        image[:, band] += 140
+    else:
+        rows, cols = np.indices((48, 48))
+        image[np.abs(rows - cols) < 5] += 140
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_tiny_fer(root: Path, per_class: tuple[int, int, int] = (16, 4, 4), names: bool = True, seed: int = 0) -> Path:
+    """Writes train/<class>/Training_<id>.jpg and test/<class>/PublicTest_<id>.jpg, PrivateTest_<id>.jpg
+    (per class: train, public, private counts) as 48x48 grayscale JPEGs; without `names` the test
+    files are plain <id>.jpg. Returns root."""
+    rng = np.random.default_rng(seed)
+    n_train, n_public, n_private = per_class
+    prefixes = ("PublicTest_", "PrivateTest_") if names else ("", "")
+    image_id = 1000
+    for folder in FOLDER_CLASSES:
+        label = CLASSES.index(folder)
+        groups = [("train", "Training_", n_train), ("test", prefixes[0], n_public), ("test", prefixes[1], n_private)]
+        for split, prefix, count in groups:
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+            for _ in range(count):
+                image_id += 1
+                path = root / split / folder / f"{prefix}{image_id}.jpg"
+                Image.fromarray(tiny_image(label, rng)).save(path, "JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_fer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny image-folder FER2013 (16 train, 4 PublicTest, 4 PrivateTest per class); do not modify it."""
+    return write_tiny_fer(tmp_path_factory.mktemp("tiny_fer"))
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """A fresh data cache folder, not yet created."""
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fer_root() -> Path:
+    """The real FER2013 (read-only, never copied); tests using it are marked realdata."""
+    if "FER2013_ROOT" not in os.environ:
+        pytest.skip("FER2013_ROOT not set")
+    return Path(os.environ["FER2013_ROOT"])
+
+
+@pytest.fixture(scope="session")
+def finalized(tmp_path_factory: pytest.TempPathFactory, tiny_fer: Path) -> Path:
+    """A folder holding search.toml and a tiny study, searched (3 trials) and finalized (2 seeds, 2 epochs)."""
+    from click.testing import CliRunner
+
+    from fer_search.cli import main
+
+    folder = tmp_path_factory.mktemp("finalized")
+    (folder / "search.toml").write_text(f'[data]\npath = "{tiny_fer}"\n')
+    for args in (["run", "--trials", "3", "--epochs", "2"], ["finalize", "--seeds", "2"]):
+        result = CliRunner().invoke(main, [*args, "--config", str(folder / "search.toml"), "--device", "cpu"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return folder

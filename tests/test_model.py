@@ -1,0 +1,160 @@
+"""The model family: layer sequences by (pattern, depth), parameter counts, widths, forward shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from fer_search.model import build_model, count_parameters
+from fer_search.space import BASELINE, TrialParams
+
+BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
+HIDDEN = "Linear BatchNorm1d ReLU"
+# Distinct rates, so a Dropout with the wrong rate shows in the sequence.
+HIGH, LOW, HEAD = 0.6, 0.2, 0.4
+
+# (pattern, linear_depth) -> the model's leaf layers in order; Dropout written with its p.
+SEQUENCES = {
+    ("none", 1): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten Linear",
+    ("none", 2): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} Linear",
+    ("none", 3): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} {HIDDEN} Linear",
+    ("head", 1): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten Dropout(0.4) Linear",
+    ("head", 2): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} Dropout(0.4) Linear",
+    ("head", 3): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    ("every", 1): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
+                  f" Flatten Dropout(0.4) Linear",
+    ("every", 2): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
+                  f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    ("every", 3): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
+                  f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    ("alternate", 1): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK} Flatten Dropout(0.4) Linear",
+    ("alternate", 2): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK}"
+                      f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    ("alternate", 3): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK}"
+                      f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    ("interlaced", 1): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
+                       f" Flatten Dropout(0.4) Linear",
+    ("interlaced", 2): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
+                       f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    ("interlaced", 3): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
+                       f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+}
+
+BASELINE_SEQUENCE = (f"{BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3) {BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3)"
+                     f" Flatten {HIDDEN} Dropout(0.5) Linear")
+
+
+def params(pattern: str = "interlaced", depth: int = 2, **changes: object) -> TrialParams:
+    """BASELINE with a pattern, a depth and the rates that pattern uses (None elsewhere)."""
+    rates = {
+        "dropout_high": HIGH if pattern in ("every", "alternate", "interlaced") else None,
+        "dropout_low": LOW if pattern == "interlaced" else None,
+        "dropout_head": None if pattern == "none" else HEAD,
+    }
+    return dataclasses.replace(BASELINE, dropout_pattern=pattern, linear_depth=depth,
+                               **rates, **changes)
+
+
+def layer_sequence(model: nn.Module) -> str:
+    leaves = [m for m in model.modules() if not any(m.children())]
+    return " ".join(f"Dropout({m.p})" if isinstance(m, nn.Dropout) else type(m).__name__
+                    for m in leaves)
+
+
+def test_table_covers_every_pattern_and_depth() -> None:
+    patterns = ("none", "head", "every", "alternate", "interlaced")
+    assert set(SEQUENCES) == {(p, d) for p in patterns for d in (1, 2, 3)}
+
+
+@pytest.mark.parametrize(("pattern", "depth"), sorted(SEQUENCES))
+def test_layer_sequence(pattern: str, depth: int) -> None:
+    assert layer_sequence(build_model(params(pattern, depth))) == SEQUENCES[(pattern, depth)]
+
+
+def test_pattern_none_has_no_dropout() -> None:
+    model = build_model(params("none", 1))
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_dropouts_are_plain_float_modules() -> None:
+    drops = [m for m in build_model(BASELINE).modules() if isinstance(m, nn.Dropout)]
+    assert all(type(m) is nn.Dropout and type(m.p) is float for m in drops)
+
+
+def test_baseline_is_the_documented_model() -> None:
+    model = build_model(BASELINE)
+    assert layer_sequence(model) == BASELINE_SEQUENCE
+    assert count_parameters(model) == 981_191
+    assert [name for name, _ in model.named_children()] == ["block1", "block2", "block3", "block4", "head"]
+
+
+def test_parameter_count_of_a_small_model() -> None:
+    # Width 0.5, no hidden layer: convs 160 + 4,640 + 18,496 + 73,856, their BNs 32 + 64 + 128
+    # + 256, output Linear(128*3*3, 7) 8,071.
+    assert count_parameters(build_model(params("none", 1, width=0.5))) == 105_703
+
+
+def test_frozen_parameters_are_not_counted() -> None:
+    model = build_model(BASELINE)
+    model.head.requires_grad_(False)
+    assert count_parameters(model) == 981_191 - 590_080 - 512 - 1_799
+
+
+@pytest.mark.parametrize("width", [0.5, 1.0, 1.5, 2.0])
+def test_width_scales_conv_channels_only(width: float) -> None:
+    model = build_model(params("interlaced", 3, width=width))
+    channels = [round(c * width) for c in (32, 64, 128, 256)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [c.out_channels for c in convs] == channels
+    assert [c.in_channels for c in convs] == [1] + channels[:3]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (channels[3] * 9, 256), (256, 128), (128, 7)]
+
+
+def test_two_convs_per_block_doubles_the_convs() -> None:
+    model = build_model(params("every", 2, convs_per_block=2))
+    block = "Conv2d BatchNorm2d ReLU Conv2d BatchNorm2d ReLU MaxPool2d Dropout(0.6)"
+    assert layer_sequence(model) == f"{block} {block} {block} {block} Flatten {HIDDEN} Dropout(0.4) Linear"
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [
+        (1, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is not None for c in convs)
+
+
+@pytest.mark.parametrize("trial", [
+    BASELINE,
+    params("none", 1, width=0.5),
+    params("alternate", 3, width=1.5, convs_per_block=2),
+    params("head", 2, width=2.0),
+])
+def test_forward_shape(trial: TrialParams) -> None:
+    torch.manual_seed(0)
+    model = build_model(trial)
+    x = torch.randn(5, 1, 48, 48)
+    assert model(x).shape == (5, 7)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        # channels_last must give the same function (the trainer uses it on CUDA).
+        out_cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert out.shape == (5, 7)
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-4)
+
+
+def test_num_classes() -> None:
+    assert build_model(BASELINE, num_classes=3)(torch.randn(2, 1, 48, 48)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("bad", [
+    {"dropout_pattern": "sometimes"},
+    {"linear_depth": 4},
+    {"dropout_head": None},
+    {"dropout_low": None},
+])
+def test_invalid_params_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        build_model(dataclasses.replace(BASELINE, **bad))

@@ -1,0 +1,81 @@
+"""predict: load_model safety, conversion of any image, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import fer_search
+from fer_search.cli import main
+from fer_search.data import CLASSES
+from fer_search.errors import UserError
+from fer_search.predict import load_model, predict_images
+
+
+def model_path(finalized: Path) -> Path:
+    return finalized / "studies" / "fer2013" / "final" / "model.pt"
+
+
+def test_load_model_alone(finalized: Path) -> None:
+    loaded = fer_search.load_model(model_path(finalized))
+    assert loaded.classes == CLASSES
+    assert not loaded.model.training
+    assert loaded.meta["trial"] >= 0 and loaded.meta["seed"] in (0, 1)
+
+
+def test_any_size_or_colour_is_converted(finalized: Path, tmp_path: Path) -> None:
+    colour = tmp_path / "colour.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8)).save(colour)
+    [p] = predict_images(load_model(model_path(finalized)), [colour])
+    assert p.label in CLASSES and sum(p.probs.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_json_lines(finalized: Path, tiny_fer: Path) -> None:
+    images = sorted(tiny_fer.glob("test/happy/*.jpg"))[:3]
+    result = CliRunner().invoke(main, ["predict", "--model", str(model_path(finalized)), "--json", *map(str, images)])
+    assert result.exit_code == 0
+    docs = [json.loads(line) for line in result.output.splitlines()]
+    assert [d["path"] for d in docs] == list(map(str, images))
+    assert all(set(d["probs"]) == set(CLASSES) for d in docs)
+
+
+def test_missing_model_says_run_finalize(tmp_path: Path, tiny_fer: Path) -> None:
+    (tmp_path / "search.toml").write_text("")
+    image = next(tiny_fer.glob("test/*/*.jpg"))
+    result = CliRunner().invoke(main, ["predict", "--config", str(tmp_path / "search.toml"), str(image)])
+    assert result.exit_code == 2 and "fer-search finalize" in result.output
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read image"),
+    (b"this is text", "missing.jpg"),
+])
+def test_bad_image_is_named(finalized: Path, tmp_path: Path, content: bytes | None, message: str) -> None:
+    image = tmp_path / "missing.jpg"
+    if content is not None:
+        image.write_bytes(content)
+    result = CliRunner().invoke(main, ["predict", "--model", str(model_path(finalized)), str(image)])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+class Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pwned",))
+
+
+def test_model_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "fer-search-model/1", "x": Payload()}, evil)
+    with pytest.raises(UserError, match="refusing"):
+        load_model(evil)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(pickle.dumps("x")[:3])
+    with pytest.raises(UserError, match="garbage.pt"):
+        load_model(garbage)

@@ -1,0 +1,232 @@
+"""search: run / re-run / extend, workers, crash and Ctrl-C recovery, pruning, mismatch, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from click.testing import CliRunner, Result
+from optuna.trial import TrialState
+
+from fer_search.cli import main
+from fer_search.space import BASELINE, TrialParams
+
+FAST_RUN = """
+[run]
+heartbeat_interval = 1
+grace_period = 3
+checkpoint_every_s = 0.0
+wait_poll_s = 0.5
+"""
+
+
+def write_config(folder: Path, data: Path, extra: str = "") -> Path:
+    """A search.toml whose study, cache and artifacts all live in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "search.toml"
+    path.write_text(f'[data]\npath = "{data}"\n' + extra)
+    return path
+
+
+def cli(*args: Any) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def load(folder: Path, name: str = "fer2013") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/studies/fer2013.db")
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def spawn_run(config: Path, *args: Any) -> subprocess.Popen[str]:
+    """`fer-search run` as a real process, its own process group so a signal reaches only it."""
+    return subprocess.Popen([sys.executable, "-m", "fer_search", "run", "--config", str(config), "--device", "cpu",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def running_with_checkpoint(folder: Path) -> bool:
+    """A RUNNING trial that has written a checkpoint after at least two epochs."""
+    db = folder / "studies" / "fer2013.db"
+    if not db.exists():
+        return False
+    try:
+        trials = load(folder).get_trials(states=(TrialState.RUNNING,))
+    except (KeyError, Exception):
+        return False
+    return any(len(t.intermediate_values) >= 2 and t.user_attrs.get("checkpoint") for t in trials)
+
+
+def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    first = cli("run", "--config", config, "--trials", 3, "--epochs", 2, "--device", "cpu")
+    assert first.exit_code == 0, first.output
+    study = load(tmp_path)
+    assert len(finished(study)) == 3
+    trial0 = study.trials[0]
+    assert trial0.user_attrs["baseline"] is True
+    assert TrialParams.from_dict(trial0.user_attrs["trial_params"]) == BASELINE
+    assert {"seed", "best_epoch", "epochs_run", "seconds", "images_per_s", "device"} <= set(trial0.user_attrs)
+    assert study.user_attrs["ready"] and study.user_attrs["epochs"] == 2
+    assert set(study.user_attrs["fingerprints"]) == {"train", "val"}
+
+    again = cli("run", "--config", config, "--trials", 3, "--epochs", 2, "--device", "cpu")
+    assert again.exit_code == 0 and len(load(tmp_path).trials) == 3  # a no-op that prints the status
+    assert "complete 3" in again.output
+
+    more = cli("run", "--config", config, "--trials", 5, "--epochs", 2, "--device", "cpu")
+    assert more.exit_code == 0
+    study = load(tmp_path)
+    assert len(finished(study)) == 5
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+
+
+def test_status_json_contract(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    assert cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu").exit_code == 0
+    result = cli("status", "--config", config, "--json")
+    doc = json.loads(result.output)
+    assert set(doc) == {"study", "trials", "best", "baseline", "seconds"}
+    assert set(doc["trials"]) == {s.name for s in TrialState}
+    assert doc["trials"]["COMPLETE"] == 2 and doc["seconds"] > 0
+    study = load(tmp_path)
+    assert doc["best"]["number"] == study.best_trial.number and doc["best"]["value"] == study.best_value
+    assert doc["baseline"] == {"number": 0, "value": study.trials[0].value, "state": "COMPLETE"}
+
+
+def test_changed_epochs_or_space_refused_unless_ignored(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    changed = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "2"])
+    assert changed.exit_code == 2 and "epochs (1 -> 2)" in changed.output and "--ignore-mismatch" in changed.output
+    write_config(tmp_path, tiny_fer, "[space]\nwidth = [0.5, 1.0]\n")
+    choices = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1",
+                                        "--ignore-mismatch"])
+    assert choices.exit_code == 2 and "space.width" in choices.output  # Optuna cannot change choices
+    write_config(tmp_path, tiny_fer, "[space]\nlr = {low = 1e-4, high = 1e-2, log = true}\n")
+    space = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1"])
+    assert space.exit_code == 2 and "space.lr" in space.output
+    ok = cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu", "--ignore-mismatch")
+    assert ok.exit_code == 0 and len(finished(load(tmp_path))) == 2
+
+
+def test_baseline_outside_the_space_is_not_enqueued(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer, "[space]\nbatch_size = [32, 64]\n")
+    result = cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu")
+    assert result.exit_code == 0
+    study = load(tmp_path)
+    assert study.user_attrs["baseline_excluded"] is True
+    assert not any(t.user_attrs.get("baseline") for t in study.trials)
+    assert "excludes" in cli("status", "--config", config).output
+
+
+def test_pruning_prunes(tmp_path: Path, tiny_fer: Path) -> None:
+    """Three finished trials that reached 100% at every epoch make the median 1.0: any real trial is below it."""
+    config = write_config(tmp_path, tiny_fer, "[pruner]\nstartup_trials = 1\nwarmup_epochs = 0\n")
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 4, "--device", "cpu").exit_code == 0
+    study = load(tmp_path)
+    for _ in range(3):
+        study.add_trial(optuna.create_trial(value=1.0, params={}, distributions={},
+                                            intermediate_values={e: 1.0 for e in range(1, 5)}))
+    assert cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu").exit_code == 0
+    new = [t for t in load(tmp_path).trials[4:]]
+    assert len(new) == 2 and all(t.state == TrialState.PRUNED for t in new)
+    assert all(t.user_attrs["epochs_run"] == 1 for t in new)  # pruned after its first epoch, not 4
+
+
+def test_timeout_stops_taking_trials(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    result = cli("run", "--config", config, "--trials", 50, "--epochs", 1, "--device", "cpu", "--timeout", 3)
+    assert result.exit_code == 0 and "timeout" in result.output
+    assert 1 <= len(finished(load(tmp_path))) < 50
+
+
+def test_three_local_workers_share_one_sqlite_file(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    proc = spawn_run(config, "--trials", 7, "--epochs", 2, "--workers", 3)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "locked" not in err
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert TrialState.FAIL not in states and TrialState.RUNNING not in states
+    assert 7 <= len(finished(study)) <= 7 + 3 - 1
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+    assert len({t.user_attrs["seed"] for t in study.trials}) == len(study.trials)
+
+
+def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    victim = spawn_run(config, "--trials", 1, "--epochs", 8)
+    try:
+        wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    killed = load(tmp_path).get_trials(states=(TrialState.RUNNING,))[0]
+    time.sleep(3.5)  # past the grace period: its heartbeat is stale
+    rescuer = spawn_run(config, "--trials", 1, "--epochs", 8)
+    _, err = rescuer.communicate(timeout=300)
+    assert rescuer.returncode == 0, err
+    study = load(tmp_path)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number)
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retry.user_attrs["resumed_at_epoch"] >= 3  # from its checkpoint, not from epoch 1
+    assert retry.params == killed.params and retry.user_attrs["seed"] == killed.user_attrs["seed"]
+    assert sorted(retry.intermediate_values) == list(range(1, retry.user_attrs["epochs_run"] + 1))
+
+
+def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    proc = spawn_run(config, "--trials", 1, "--epochs", 8)
+    wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "resume" in err and "Traceback" not in err
+    study = load(tmp_path)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(failed) == 1 and len(waiting) == 1
+    assert waiting[0].system_attrs["fixed_params"] == failed[0].params
+    assert waiting[0].user_attrs["resumed_from"] == failed[0].number
+
+    again = spawn_run(config, "--trials", 1, "--epochs", 8)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    study = load(tmp_path)
+    assert len(finished(study)) == 1 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    resumed = study.trials[waiting[0].number]
+    assert resumed.user_attrs["resumed_at_epoch"] >= 3
+
+
+def test_search_never_reads_the_test_split(tmp_path: Path, tiny_fer: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_fer, data)
+    for private in data.glob("test/*/PrivateTest_*"):
+        private.write_bytes(b"not an image")
+    config = write_config(tmp_path, data)
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    result = CliRunner().invoke(main, ["finalize", "--config", str(config), "--seeds", "1", "--device", "cpu"])
+    assert result.exit_code == 2 and "PrivateTest_" in result.output
