@@ -415,7 +415,7 @@ def _cached_arrays(source: _Source, cache_dir: Path) -> _Arrays:
     arrays = source.decode()
     _write_arrays(cache_dir, arrays)
     index_entry = json.dumps({"fingerprint": arrays.fingerprint}).encode()
-    _write_atomically(_index_path(cache_dir, source.index_key), lambda file: file.write(index_entry))
+    _write_cache_file(_index_path(cache_dir, source.index_key), lambda file: file.write(index_entry))
     return arrays
 
 
@@ -478,18 +478,25 @@ def _write_arrays(cache_dir: Path, arrays: _Arrays) -> None:
         "names": arrays.names,
         "converted": arrays.converted,
     }
-    _write_atomically(_arrays_path(cache_dir, arrays.fingerprint), lambda file: np.savez(file, **fields))
+    _write_cache_file(_arrays_path(cache_dir, arrays.fingerprint), lambda file: np.savez(file, **fields))
 
 
-def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Writes through a temporary name and renames, so no reader (another worker) sees a half-written file."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         with open(temp, "wb") as file:
             write(file)
         os.replace(temp, path)
-    except OSError as error:
+    except BaseException:
         temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_cache_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    try:
+        write_atomically(path, write)
+    except OSError as error:
         raise UserError(f"{path.parent}: cannot write the data cache ({error.strerror})") from None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from fer_search.augment import MEAN, STD
-from fer_search.data import decode_image
+from fer_search.data import decode_image, write_atomically
 from fer_search.errors import UserError
 from fer_search.model import build_model
 from fer_search.space import TrialParams
@@ -48,11 +47,9 @@ def save_model(path: Path, state: dict[str, torch.Tensor], params: TrialParams, 
 
 
 def write_atomic(path: Path, content: bytes) -> None:
-    """Temp name in the same folder, then rename: a reader never sees half a file."""
+    """Write a file users keep (model, metrics, reports) so that a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(content))
 
 
 def load_model(path: Path | str) -> LoadedModel:

@@ -411,7 +411,10 @@ def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome
                     progress(event)
             time.sleep(0.2)
     except KeyboardInterrupt:
+        # From a terminal every worker got the Ctrl-C too; forward it to those that did not
+        # (a signal sent to this process alone), after giving the others time to requeue.
         for p in procs:
+            p.join(timeout=2)
             if p.is_alive():
                 os.kill(p.pid, signal.SIGINT)
         for p in procs:
@@ -420,10 +423,13 @@ def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome
     codes = [p.exitcode for p in procs]
     if any(c == 130 for c in codes):
         raise KeyboardInterrupt
-    if any(c for c in codes):
-        raise RuntimeError(f"workers exited with codes {codes}; see their messages above")
-    return RunOutcome(timed_out=bool(config.run.timeout) and count_finished_running(
-        optuna.load_study(study_name=config.study.name, storage=open_storage(config.study.storage)))[0] < config.run.trials)
+    if 2 in codes:
+        raise UserError(f"workers exited with codes {codes}; their messages are above")
+    if any(codes):
+        raise RuntimeError(f"workers crashed with exit codes {codes}; their tracebacks are above")
+    study = optuna.load_study(study_name=config.study.name, storage=open_storage(config.study.storage))
+    # A worker returns early only at the timeout, so fewer finished trials mean it was reached.
+    return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials)
 
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:

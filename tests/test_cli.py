@@ -1,0 +1,138 @@
+"""cli: bad input exits 2 with one line, data check, dashboard over real HTTP, python -m."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from fer_search.cli import main
+from fer_search.data import CLASSES
+
+
+def invoke(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, output: str, *named: str) -> None:
+    assert code == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    for word in named:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_fer: Path) -> Path:
+    path = tmp_path / "search.toml"
+    path.write_text(f'[data]\npath = "{tiny_fer}"\n')
+    return path
+
+
+@pytest.mark.parametrize("url, named", [
+    ("nonsense", "nonsense"),
+    ("mongodb://h/db", "mongodb"),
+    ("postgresql+nosuchdriver://u@127.0.0.1/db", "nosuchdriver"),
+    ("postgresql+psycopg://u:secret@127.0.0.1:1/db", "cannot connect"),
+])
+def test_bad_storage_url_exits_2(config: Path, url: str, named: str) -> None:
+    code, output = invoke("status", "--config", config, "--storage", url)
+    assert_one_line_error(code, output, named)
+    assert "secret" not in output
+
+
+def test_unknown_study_exits_2(config: Path) -> None:
+    optuna.create_study(study_name="other", storage=f"sqlite:///{config.parent}/s.db")
+    code, output = invoke("status", "--config", config, "--study", "nope", "--storage", f"sqlite:///{config.parent}/s.db")
+    assert_one_line_error(code, output, "nope", "other")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--trials", "0"], "run.trials"),
+    (["--trials", "2", "--device", "tpu"], "tpu"),
+    (["--trials", "2", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["--trials", "2", "--config", "/no/such.toml"], "/no/such.toml"),
+    (["--trials", "2", "--workers", "0"], "run.workers"),
+])
+def test_bad_run_input_exits_2(config: Path, args: list[str], named: str) -> None:
+    code, output = invoke("run", "--config", config, *args) if "--config" not in args else invoke("run", *args)
+    assert_one_line_error(code, output, named)
+
+
+def test_unknown_flag_is_a_usage_error(config: Path) -> None:
+    code, output = invoke("run", "--config", config, "--trails", "3")
+    assert code == 2 and "--trails" in output and "Traceback" not in output
+
+
+def test_data_check_json(tiny_fer: Path, config: Path) -> None:
+    code, output = invoke("data", "check", tiny_fer, "--json", "--config", config)
+    assert code == 0
+    doc = json.loads(output)
+    assert {s: doc["splits"][s]["total"] for s in ("train", "val", "test")} == {"train": 112, "val": 28, "test": 28}
+    assert list(doc["splits"]["train"]["per_class"]) == list(CLASSES)
+    assert doc["converted"] == 0 and len(doc["fingerprint"]) == 64
+
+
+@pytest.mark.realdata
+def test_data_check_on_fer2013(fer_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "search.toml").write_text("")
+    code, output = invoke("data", "check", fer_root, "--json", "--config", tmp_path / "search.toml")
+    assert code == 0
+    doc = json.loads(output)
+    totals = {s: doc["splits"][s]["total"] for s in ("train", "val", "test")}
+    assert totals == {"train": 28709, "val": 3589, "test": 3589}
+    assert doc["splits"]["test"]["per_class"]["disgust"] == 55
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dashboard_serves_the_study(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/d.db"
+    optuna.create_study(study_name="watched", storage=storage)
+    (tmp_path / "search.toml").write_text("")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fer_search", "dashboard", "--config", str(tmp_path / "search.toml"),
+                             "--storage", storage, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        body = None
+        deadline = time.monotonic() + 60
+        while body is None and time.monotonic() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "dashboard did not answer"
+        assert [s["study_name"] for s in json.loads(body)["study_summaries"]] == ["watched"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna_dashboard
+
+    calls = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda *a, **k: calls.append(k))
+    (tmp_path / "search.toml").write_text("")
+    result = CliRunner().invoke(main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--host", "0.0.0.0",
+                                       "--storage", f"sqlite:///{tmp_path}/d.db"])
+    assert result.exit_code == 0 and "no authentication" in result.output
+    assert calls and calls[0]["host"] == "0.0.0.0"
+
+
+def test_python_m_is_the_same_program() -> None:
+    out = subprocess.run([sys.executable, "-m", "fer_search", "--help"], capture_output=True, text=True, check=True)
+    assert all(cmd in out.stdout for cmd in ("run", "status", "dashboard", "finalize", "predict", "data"))
