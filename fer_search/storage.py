@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+import shutil
 import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 import sqlalchemy
@@ -17,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import CreateEnginePlugin
 
+from fer_search.data import write_atomically
 from fer_search.errors import UserError
 
 SQLITE_BUSY_TIMEOUT_MS = 120_000
@@ -89,7 +91,11 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     """An RDBStorage for `url`; bad URLs, missing drivers and unreachable servers -> UserError."""
     _check_url(url)
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"storage {_redacted(url)}: cannot create folder {folder}: {e.strerror}") from None
     hb: dict[str, Any] = {}
     if heartbeat is not None:
         hb = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
@@ -108,8 +114,9 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
             if attempt == 4:
                 raise
             time.sleep(0.2 + random.random())
-        except sqlalchemy.exc.OperationalError as e:
-            if "already exists" in str(e) and attempt < 4:  # SQLite's form of the same race
+        except sqlalchemy.exc.DatabaseError as e:  # OperationalError, or SQLite's "file is not a database"
+            # SQLite's forms of the same race: tables created meanwhile, or a deferred BEGIN that wrote.
+            if ("already exists" in str(e) or "database is locked" in str(e)) and attempt < 4:
                 time.sleep(0.2 + random.random())
                 continue
             raise UserError(f"storage {_redacted(url)}: cannot connect: {_first_line(e.orig or e)}") from e
@@ -119,7 +126,7 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
 def _tables_exist(url: str) -> bool:
     """True when Optuna's tables are there, so later workers skip creating them (DESIGN.md)."""
     if url.startswith("sqlite"):
-        return False  # SQLite creation runs under BEGIN IMMEDIATE, already serialised
+        return False  # SQLite's creation race is retried in open_storage; no server to ask
     engine = sqlalchemy.create_engine(url, **engine_kwargs_for(url))
     try:
         return sqlalchemy.inspect(engine).has_table("version_info")
@@ -158,10 +165,23 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system store, but an overwrite goes through a temporary name and a rename.
+
+    Why: a trial overwrites its one checkpoint artifact every few minutes; Optuna's store
+    truncates the file first, so a worker killed mid-write would leave its retry nothing to
+    resume from.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        path = self._get_filepath(artifact_id)
+        write_atomically(path, lambda f: shutil.copyfileobj(content_body, f))
+
+
 def open_artifact_store(path: Path) -> FileSystemArtifactStore:
     """The study's artifact store (checkpoints), shared by workers and served by the dashboard."""
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(path)
+    return AtomicFileSystemArtifactStore(path)
 
 
 def load_existing_study(url: str, name: str) -> optuna.Study:

@@ -58,8 +58,8 @@ class TrainResult:
 
 
 # Called after every epoch with the epoch's record and a function that returns a checkpoint of
-# the whole training state (built only when asked: it copies the weights). It may raise to stop
-# training (the search raises optuna.TrialPruned through it).
+# the whole training state (built only when asked; it holds the live tensors, so serialise it at
+# once). It may raise to stop training (the search raises optuna.TrialPruned through it).
 EpochCallback = Callable[[EpochRecord, Callable[[], dict[str, Any]]], None]
 
 
@@ -106,7 +106,10 @@ def train_model(
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"].to(generator.get_state().device))
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["rng"])  # dropout draws from torch's global generator
+        if cuda:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
         history = [EpochRecord(**r) for r in resume["history"]]
         best_epoch, best_acc, best_state = resume["best_epoch"], resume["best_val_acc"], resume["best_state"]
 
@@ -133,6 +136,7 @@ def train_model(
                 return {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),
                     "history": [dataclasses.asdict(r) for r in history],
                     "best_epoch": best_epoch, "best_val_acc": best_acc, "best_state": best_state,
                 }

@@ -1,0 +1,220 @@
+"""Training images/s of fer_search's trainer against a torchvision DataLoader pipeline and the model alone."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from fer_search.augment import CROP_SCALE, MEAN, PAD, STD
+from fer_search.data import SIZE, FerData, load_data
+from fer_search.model import build_model
+from fer_search.space import BASELINE
+from fer_search.train import EpochRecord, TrainSettings, configure_cpu_threads, train_model
+
+BATCH = BASELINE.batch_size
+CPU_IMAGES = 4096  # the full training set takes about 2 minutes per epoch on a 2-core CPU
+VAL_IMAGES = 256  # the trainer validates after every epoch, untimed: keep that short
+SEED = 0
+
+
+@dataclasses.dataclass
+class Rates:
+    """Images/s per measured round (warm-up round excluded) of the three pipelines."""
+
+    trainer: list[float]
+    reference: list[float]
+    compute_bound: list[float]
+
+
+def main() -> None:
+    args = _parse_args()
+    device = torch.device(args.device)
+    configure_cpu_threads(1)  # torch threads = cores, for all three pipelines
+    with tempfile.TemporaryDirectory(prefix="fer-bench-") as temp:
+        data = load_data(args.data, args.cache_dir or Path(temp))
+    images = args.images if args.images is not None else CPU_IMAGES if device.type == "cpu" else len(data.train.y)
+    if not 2 * BATCH <= images <= len(data.train.y):
+        raise SystemExit(f"--images must be between {2 * BATCH} and {len(data.train.y)}")
+    indices = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(SEED))[:images]
+    rates = measure(_subset(data, indices), _reference_loader(args.data, indices, device), device, args.repeats)
+    _print_header(device, images, args.repeats)
+    _print_rates(rates)
+    if device.type == "cuda":
+        print(f"epoch_seconds={full_epoch_seconds(data, device):.2f}")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--data", type=Path, required=True, help="FER2013 image folders (train/<class>/*.jpg)")
+    parser.add_argument("--cache-dir", type=Path, help="fer_search's data cache (default: a temporary folder)")
+    parser.add_argument("--images", type=int, help=f"training images per pass (default {CPU_IMAGES} on cpu, all on cuda)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round (default 3)")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir():
+        parser.error(f"{args.data}: the reference pipeline needs the image-folder layout (train/<class>/*.jpg)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def measure(data: FerData, loader: DataLoader, device: torch.device, repeats: int) -> Rates:
+    """Rounds of one trainer epoch, one reference pass and one model-alone pass over the same number of images.
+
+    The trainer's epochs run in train_model; the other two passes run from its per-epoch callback, so
+    the three alternate and drift on a shared machine touches them alike. Round 1 warms all three up.
+    """
+    rates = Rates([], [], [])
+    reference_model, reference_optimizer = make_learner(device)
+    bound_model, bound_optimizer = make_learner(device)
+    x = torch.randn(BATCH, 1, SIZE, SIZE, device=device)
+    y = torch.randint(0, 7, (BATCH,), device=device)
+    steps = len(data.train.y) // BATCH
+
+    def after_epoch(record: EpochRecord, _checkpoint: Callable[[], dict[str, Any]]) -> None:
+        reference = reference_pass(loader, reference_model, reference_optimizer, device)
+        bound = bound_pass(bound_model, bound_optimizer, x, y, steps)
+        if record.epoch > 1:
+            rates.trainer.append(record.images_per_s)
+            rates.reference.append(reference)
+            rates.compute_bound.append(bound)
+
+    train_model(BASELINE, data, TrainSettings(epochs=repeats + 1, seed=SEED, device=device), on_epoch=after_epoch)
+    return rates
+
+
+def make_learner(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The baseline model and its optimizer, set up as train_model sets them up on `device`."""
+    cuda = device.type == "cuda"
+    model = build_model(BASELINE).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay,
+                                 fused=cuda or None)
+    return model, optimizer
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimisation step with the trainer's numerics (channels_last and bf16 autocast on CUDA only)."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def reference_pass(loader: DataLoader, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   device: torch.device) -> float:
+    """Images/s of one pass over the loader, training on every batch."""
+    model.train()
+    seen = 0
+    start = time.perf_counter()
+    for x, y in loader:
+        train_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        seen += len(y)
+    _synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def bound_pass(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               steps: int) -> float:
+    """Images/s of `steps` training steps on one fixed batch already on the device: the compute bound."""
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, optimizer, x, y)
+    _synchronize(x.device)
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def full_epoch_seconds(data: FerData, device: torch.device) -> float:
+    """Seconds of one baseline epoch (training and validation) on the full training set, after a warm-up epoch."""
+    result = train_model(BASELINE, data, TrainSettings(epochs=2, seed=SEED, device=device))
+    return result.history[-1].seconds
+
+
+def _subset(data: FerData, indices: torch.Tensor) -> FerData:
+    """The training images at `indices` and the first VAL_IMAGES validation images."""
+    train = dataclasses.replace(data.train, x=data.train.x[indices], y=data.train.y[indices],
+                                names=tuple(data.train.names[i] for i in indices.tolist()))
+    val = dataclasses.replace(data.val, x=data.val.x[:VAL_IMAGES], y=data.val.y[:VAL_IMAGES],
+                              names=data.val.names[:VAL_IMAGES])
+    return dataclasses.replace(data, train=train, val=val, test=None)
+
+
+def _reference_loader(root: Path, indices: torch.Tensor, device: torch.device) -> DataLoader:
+    """ImageFolder + PIL transforms equal to the baseline's augmentation, one worker per core.
+
+    ImageFolder sorts classes and files as load_data sorts names, so `indices` pick the same images.
+    """
+    transform = transforms.Compose([
+        transforms.Grayscale(1),
+        transforms.Pad(PAD, padding_mode="reflect"),
+        transforms.RandomResizedCrop(SIZE, scale=CROP_SCALE),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+    folder = datasets.ImageFolder(str(root / "train"), transform=transform)
+    return DataLoader(Subset(folder, indices.tolist()), batch_size=BATCH, shuffle=True,
+                      num_workers=os.cpu_count() or 1, persistent_workers=True,
+                      pin_memory=device.type == "cuda")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cpu_model() -> str:
+    """The first 'model name' of /proc/cpuinfo."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def _print_header(device: torch.device, images: int, repeats: int) -> None:
+    print(f"date={datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    print(f"torch={torch.__version__}")
+    print(f"threads={torch.get_num_threads()}")
+    print(f"dataloader_workers={os.cpu_count() or 1}")
+    print(f"cpu_model={_cpu_model()}")
+    print(f"images_per_pass={images}")
+    print(f"repeats={repeats}")
+
+
+def _print_rates(rates: Rates) -> None:
+    """Medians of each pipeline's rounds, then the medians of the per-round ratios."""
+    for name, values in dataclasses.asdict(rates).items():
+        runs = ",".join(f"{v:.1f}" for v in values)
+        print(f"{name}_images_per_s={statistics.median(values):.1f} (rounds: {runs})")
+    ratios = [t / r for t, r in zip(rates.trainer, rates.reference)]
+    fractions = [t / b for t, b in zip(rates.trainer, rates.compute_bound)]
+    print(f"ratio_vs_reference={statistics.median(ratios):.2f}")
+    print(f"fraction_of_compute_bound={statistics.median(fractions):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Storages: SQLite tuned for concurrent workers, bad URLs as one-line UserErrors, the artifact store."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import multiprocessing
+import queue
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from fer_search.errors import UserError
+from fer_search.storage import (
+    SQLITE_BUSY_TIMEOUT_MS, Heartbeat, load_existing_study, open_artifact_store, open_storage,
+)
+
+WORKERS = 4
+TRIALS_PER_WORKER = 30
+FIRST_STARTS = 3
+FIRST_START_ROUNDS = 4
+JOIN_TIMEOUT_S = 120
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def user_error(url: str) -> str:
+    """The UserError message open_storage gives for `url` (the test fails if it gives none)."""
+    with pytest.raises(UserError) as info:
+        open_storage(url)
+    return str(info.value)
+
+
+# --- worker processes (module level: spawned children import them) ------------------------------
+
+def ask_and_tell(barrier: Any, index: int, url: str, study_name: str) -> None:
+    """Open the storage, wait for the others, then run short trials as fast as possible."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    barrier.wait(timeout=JOIN_TIMEOUT_S)
+    for _ in range(TRIALS_PER_WORKER):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0.0, 1.0))
+
+
+def first_start(barrier: Any, index: int, folder: str) -> None:
+    """Round after round, open the same new database file at the same moment as the others and write to it."""
+    for round_ in range(FIRST_START_ROUNDS):
+        barrier.wait(timeout=JOIN_TIMEOUT_S)
+        storage = open_storage(sqlite_url(Path(folder) / f"new{round_}.db"))
+        optuna.create_study(study_name=f"worker{index}", storage=storage)
+        storage.engine.dispose()
+
+
+def run_worker(body: Callable[..., None], barrier: Any, errors: Any, index: int, *args: Any) -> None:
+    """A child's entry point: body(barrier, index, *args); a failure is sent to the parent and frees the others."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        body(barrier, index, *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        barrier.abort()
+        errors.put(f"worker {index}: {type(e).__name__}: {e}")
+        raise SystemExit(1) from None
+
+
+def run_together(body: Callable[..., None], processes: int, *args: Any) -> list[str]:
+    """Run body(barrier, index, *args) in `processes` spawned children at once; their error messages."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=run_worker, args=(body, barrier, errors, i, *args)) for i in range(processes)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOIN_TIMEOUT_S)
+    messages = [f"process {p.pid} still running" for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    while True:
+        try:
+            messages.append(errors.get(timeout=0.5))
+        except queue.Empty:
+            break
+    return messages + [f"process {p.pid} exit code {p.exitcode}" for p in procs if p.exitcode not in (0, None)]
+
+
+# --- SQLite tuning -------------------------------------------------------------------------------
+
+def test_sqlite_creates_its_folder_and_uses_wal(tmp_path: Path) -> None:
+    db = tmp_path / "deep" / "er" / "x.db"
+    storage = open_storage(sqlite_url(db))
+    optuna.create_study(study_name="s", storage=storage)
+    assert db.is_file()
+    with closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with storage.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS
+
+
+def test_sqlite_transactions_take_the_write_lock_at_begin(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    storage = open_storage(sqlite_url(db))
+    with closing(sqlite3.connect(db, timeout=0, isolation_level=None)) as other:
+        with storage.engine.connect() as conn, conn.begin():
+            conn.exec_driver_sql("SELECT 1")  # only a read, yet the write lock is held
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # free again once the transaction ended
+        other.execute("ROLLBACK")
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_heartbeat_settings_reach_the_storage(tmp_path: Path) -> None:
+    storage = open_storage(sqlite_url(tmp_path / "x.db"), Heartbeat(interval=7, grace_period=30, max_retry=2))
+    assert (storage.heartbeat_interval, storage.grace_period) == (7, 30)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    assert isinstance(callback, optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert callback._max_retry == 2
+
+
+def test_concurrent_workers_never_see_database_is_locked(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "race.db")
+    optuna.create_study(study_name="race", storage=open_storage(url))
+    errors = run_together(ask_and_tell, WORKERS, url, "race")
+    assert errors == []
+    trials = optuna.load_study(study_name="race", storage=open_storage(url)).get_trials()
+    assert len(trials) == WORKERS * TRIALS_PER_WORKER
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+
+
+def test_simultaneous_first_starts_on_a_new_file_all_succeed(tmp_path: Path) -> None:
+    errors = run_together(first_start, FIRST_STARTS, str(tmp_path))
+    assert errors == []
+    for round_ in range(FIRST_START_ROUNDS):
+        names = optuna.study.get_all_study_names(open_storage(sqlite_url(tmp_path / f"new{round_}.db")))
+        assert sorted(names) == [f"worker{i}" for i in range(FIRST_STARTS)]
+
+
+# --- bad URLs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("nonsense", "storage URL 'nonsense' is not a database URL"),
+    ("foo://x", "storage URL foo://x: unsupported database 'foo'"),
+    ("postgresql+nosuchdriver://u@h/db", "postgresql+nosuchdriver://u@h/db: unknown driver"),
+    pytest.param("postgresql+psycopg://u:s3cretpw@127.0.0.1:1/db",
+                 "postgresql+psycopg://u:***@127.0.0.1:1/db: cannot connect",
+                 marks=pytest.mark.skipif(missing("psycopg"), reason="psycopg is not installed")),
+    pytest.param("postgresql+psycopg2://u:s3cretpw@127.0.0.1:1/db", "postgresql+psycopg2://u:***@127.0.0.1:1/db: its "
+                 "database driver is not installed (pip install -e '.[postgres]')",
+                 marks=pytest.mark.skipif(not missing("psycopg2"), reason="psycopg2 is installed")),
+])
+def test_bad_url_is_a_one_line_user_error(url: str, expected: str) -> None:
+    message = user_error(url)
+    assert expected in message
+    assert "\n" not in message
+    assert "s3cretpw" not in message
+
+
+def test_sqlite_file_that_is_not_a_database_is_a_user_error(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.db"
+    notes.write_text("these are not the tables you are looking for\n" * 100)
+    message = user_error(sqlite_url(notes))
+    assert str(notes) in message and "\n" not in message
+
+
+def test_sqlite_folder_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    message = user_error(sqlite_url(tmp_path / "file" / "x.db"))
+    assert str(tmp_path / "file") in message and "\n" not in message
+
+
+def test_load_existing_study_names_the_missing_study(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "x.db")
+    optuna.create_study(study_name="present", storage=open_storage(url))
+    with pytest.raises(UserError, match="no study 'absent'") as info:
+        load_existing_study(url, "absent")
+    assert "present" in str(info.value) and "\n" not in str(info.value)
+    assert load_existing_study(url, "present").study_name == "present"
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+
+def test_artifact_store_creates_its_folder_and_round_trips_bytes(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b"
+    store = open_artifact_store(folder)
+    assert folder.is_dir()
+    for payload in (b"first checkpoint", bytes(range(256)) * 100):  # the second overwrites the first
+        store.write("ckpt", io.BytesIO(payload))
+        with store.open_reader("ckpt") as reader:
+            assert reader.read() == payload
