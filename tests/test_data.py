@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from conftest import write_tiny_fer
 from fer_search import data
+from fer_search.cli import main
 from fer_search.data import CLASSES, check_data, decode_image, load_data
 from fer_search.errors import UserError
 
@@ -281,6 +283,16 @@ def test_bad_image_folders_are_named(damage: Callable[[Path], str], tmp_path: Pa
     with pytest.raises(UserError, match=re.escape(named)) as error:
         load_data(root, cache_dir)
     assert "\n" not in str(error.value)
+    assert_data_check_exits_2(root, named, tmp_path)
+
+
+def assert_data_check_exits_2(path: Path, named: str, tmp_path: Path) -> None:
+    """What a user sees: `fer-search data check` says it in one line and exits 2."""
+    config = tmp_path / "search.toml"
+    config.write_text(f'[data]\ncache_dir = "{tmp_path / "cli-cache"}"\n')
+    result = CliRunner().invoke(main, ["data", "check", str(path), "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and named in result.output and "Traceback" not in result.output
 
 
 def test_decode_image_names_what_it_cannot_decode() -> None:
@@ -309,6 +321,7 @@ def test_bad_csv_rows_are_named_by_line(
     csv_path.write_text(csv_text("emotion,pixels,Usage", [good[0], row, good[1]]))
     with pytest.raises(UserError, match=re.escape(f"{csv_path}: {named}")):
         load_data(tmp_path, cache_dir)
+    assert_data_check_exits_2(tmp_path, f"{csv_path}: {named}", tmp_path)
 
 
 def test_csv_without_a_needed_column_is_refused(tmp_path: Path, cache_dir: Path) -> None:
