@@ -31,6 +31,15 @@ VAL_IMAGES = 256  # the trainer validates after every epoch, untimed: keep that 
 SEED = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """The baseline model and its Adam; `fast`: the trainer's CUDA numerics (channels_last, bf16, fused Adam)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    fast: bool
+
+
 @dataclasses.dataclass
 class Rates:
     """Images/s per measured round (warm-up round excluded) of the three pipelines."""
@@ -49,10 +58,9 @@ def main() -> None:
     images = args.images if args.images is not None else CPU_IMAGES if device.type == "cpu" else len(data.train.y)
     if not 2 * BATCH <= images <= len(data.train.y):
         raise SystemExit(f"--images must be between {2 * BATCH} and {len(data.train.y)}")
-    indices = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(SEED))[:images]
-    rates = measure(_subset(data, indices), _reference_loader(args.data, indices, device), device, args.repeats)
     _print_header(device, images, args.repeats)
-    _print_rates(rates)
+    indices = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(SEED))[:images]
+    _print_rates(measure(_subset(data, indices), _reference_loader(args.data, indices, device), device, args.repeats))
     if device.type == "cuda":
         print(f"epoch_seconds={full_epoch_seconds(data, device):.2f}")
 
@@ -62,7 +70,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--data", type=Path, required=True, help="FER2013 image folders (train/<class>/*.jpg)")
     parser.add_argument("--cache-dir", type=Path, help="fer_search's data cache (default: a temporary folder)")
-    parser.add_argument("--images", type=int, help=f"training images per pass (default {CPU_IMAGES} on cpu, all on cuda)")
+    parser.add_argument("--images", type=int,
+                        help=f"training images per pass (default {CPU_IMAGES} on cpu, all on cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round (default 3)")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
@@ -78,18 +87,23 @@ def measure(data: FerData, loader: DataLoader, device: torch.device, repeats: in
     """Rounds of one trainer epoch, one reference pass and one model-alone pass over the same number of images.
 
     The trainer's epochs run in train_model; the other two passes run from its per-epoch callback, so
-    the three alternate and drift on a shared machine touches them alike. Round 1 warms all three up.
+    the three alternate (the other two in turns of order) and drift on a shared machine touches them
+    alike. Round 1 warms all three up and is not counted.
     """
     rates = Rates([], [], [])
-    reference_model, reference_optimizer = make_learner(device)
-    bound_model, bound_optimizer = make_learner(device)
+    reference_learner = make_learner(device, trainer_numerics=False)
+    bound_learner = make_learner(device, trainer_numerics=True)
     x = torch.randn(BATCH, 1, SIZE, SIZE, device=device)
     y = torch.randint(0, 7, (BATCH,), device=device)
     steps = len(data.train.y) // BATCH
 
     def after_epoch(record: EpochRecord, _checkpoint: Callable[[], dict[str, Any]]) -> None:
-        reference = reference_pass(loader, reference_model, reference_optimizer, device)
-        bound = bound_pass(bound_model, bound_optimizer, x, y, steps)
+        if record.epoch % 2:
+            reference = reference_pass(loader, reference_learner, device)
+            bound = bound_pass(bound_learner, x, y, steps)
+        else:
+            bound = bound_pass(bound_learner, x, y, steps)
+            reference = reference_pass(loader, reference_learner, device)
         if record.epoch > 1:
             rates.trainer.append(record.images_per_s)
             rates.reference.append(reference)
@@ -99,49 +113,50 @@ def measure(data: FerData, loader: DataLoader, device: torch.device, repeats: in
     return rates
 
 
-def make_learner(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The baseline model and its optimizer, set up as train_model sets them up on `device`."""
-    cuda = device.type == "cuda"
+def make_learner(device: torch.device, *, trainer_numerics: bool) -> Learner:
+    """The baseline with Adam on `device`: plain float32, or set up as train_model sets it up there.
+
+    The reference is the conventional float32 pipeline; the compute bound copies the trainer's
+    numerics (train_model uses channels_last, bf16 autocast and fused Adam on CUDA only).
+    """
+    fast = trainer_numerics and device.type == "cuda"
     model = build_model(BASELINE).to(device)
-    if cuda:
+    if fast:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay,
-                                 fused=cuda or None)
-    return model, optimizer
+                                 fused=fast or None)
+    return Learner(model, optimizer, fast)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One optimisation step with the trainer's numerics (channels_last and bf16 autocast on CUDA only)."""
-    cuda = x.device.type == "cuda"
-    if cuda:
+def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimisation step on the batch (x, y)."""
+    if learner.fast:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
-        loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=learner.fast):
+        loss = F.cross_entropy(learner.model(x), y)
+    learner.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    learner.optimizer.step()
 
 
-def reference_pass(loader: DataLoader, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   device: torch.device) -> float:
+def reference_pass(loader: DataLoader, learner: Learner, device: torch.device) -> float:
     """Images/s of one pass over the loader, training on every batch."""
-    model.train()
+    learner.model.train()
     seen = 0
     start = time.perf_counter()
     for x, y in loader:
-        train_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        train_step(learner, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         seen += len(y)
     _synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
-def bound_pass(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               steps: int) -> float:
+def bound_pass(learner: Learner, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Images/s of `steps` training steps on one fixed batch already on the device: the compute bound."""
-    model.train()
+    learner.model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, x, y)
+        train_step(learner, x, y)
     _synchronize(x.device)
     return steps * len(x) / (time.perf_counter() - start)
 
