@@ -33,10 +33,12 @@ SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class Learner:
-    """The baseline model and its Adam; `fast`: the trainer's CUDA numerics (channels_last, bf16, fused Adam)."""
+    """The baseline model and its Adam; `channels_last` (the trainer's layout everywhere) and `fast`
+    (its CUDA numerics: bf16 autocast, fused Adam)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    channels_last: bool
     fast: bool
 
 
@@ -117,20 +119,20 @@ def make_learner(device: torch.device, *, trainer_numerics: bool) -> Learner:
     """The baseline with Adam on `device`: plain float32, or set up as train_model sets it up there.
 
     The reference is the conventional float32 pipeline; the compute bound copies the trainer's
-    numerics (train_model uses channels_last, bf16 autocast and fused Adam on CUDA only).
+    numerics (train_model uses channels_last everywhere, bf16 autocast and fused Adam on CUDA only).
     """
     fast = trainer_numerics and device.type == "cuda"
     model = build_model(BASELINE).to(device)
-    if fast:
+    if trainer_numerics:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay,
                                  fused=fast or None)
-    return Learner(model, optimizer, fast)
+    return Learner(model, optimizer, trainer_numerics, fast)
 
 
 def train_step(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> None:
     """One optimisation step on the batch (x, y)."""
-    if learner.fast:
+    if learner.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=learner.fast):
         loss = F.cross_entropy(learner.model(x), y)
