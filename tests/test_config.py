@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ def test_shipped_search_toml_equals_the_defaults() -> None:
     assert shipped.study.name == expected.study.name
     assert shipped.study.storage == f"sqlite:///{REPO}/studies/fer2013.db"
     assert shipped.data.path == REPO / "data" / "fer2013"
-    assert shipped.finalize == dataclasses.replace(expected.finalize)
+    assert shipped.finalize == expected.finalize
 
 
 def test_relative_paths_follow_the_file_not_the_working_directory(tmp_path: Path, monkeypatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pytest
 from click.testing import CliRunner, Result
 from optuna.trial import TrialState
 
