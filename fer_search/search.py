@@ -31,7 +31,7 @@ from fer_search.config import Config, PrunerConfig
 from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
 from fer_search.space import BASELINE, TrialParams, optuna_params, suggest_params
-from fer_search.storage import Heartbeat, open_artifact_store, open_storage
+from fer_search.storage import Heartbeat, open_artifact_store, opened_storage
 from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configure_cpu_threads, resolve_device,
                               train_model)
 
@@ -333,10 +333,15 @@ def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
     data = load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
                      split_seed=config.data.split_seed)
     run = config.run
-    storage = open_storage(config.study.storage, Heartbeat(run.heartbeat_interval, run.grace_period, run.max_retry))
-    study = ensure_study(config, storage, study_record(config, data), make_sampler(run.seed, worker_index),
-                         make_pruner(config.pruner, run.epochs))
-    objective = Objective(config, data, device, worker_index, progress)
+    heartbeat = Heartbeat(run.heartbeat_interval, run.grace_period, run.max_retry)
+    with opened_storage(config.study.storage, heartbeat) as storage:
+        study = ensure_study(config, storage, study_record(config, data), make_sampler(run.seed, worker_index),
+                             make_pruner(config.pruner, run.epochs))
+        return _take_trials(study, Objective(config, data, device, worker_index, progress), progress)
+
+
+def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn | None) -> RunOutcome:
+    run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
     try:
         while True:
@@ -354,10 +359,6 @@ def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
     except KeyboardInterrupt:
         requeue_interrupted(study, objective.current)
         raise
-    finally:
-        # Optuna's storage sits in reference cycles: without this its pooled connections stay
-        # open until the garbage collector runs, doubling a fleet's connections at its end.
-        storage.engine.dispose()
 
 
 def quiet_optuna() -> None:
@@ -400,9 +401,8 @@ def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome
     # find the cache warm and the study ready.
     data = load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
                      split_seed=config.data.split_seed)
-    storage = open_storage(config.study.storage)
-    ensure_study(config, storage, study_record(config, data))
-    storage.engine.dispose()
+    with opened_storage(config.study.storage) as storage:
+        ensure_study(config, storage, study_record(config, data))
     ctx = multiprocessing.get_context("spawn")  # processes, not threads: the GIL; spawn: CUDA-safe
     queue = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
@@ -433,12 +433,10 @@ def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome
         raise UserError(f"workers exited with codes {codes}; their messages are above")
     if any(codes):
         raise RuntimeError(f"workers crashed with exit codes {codes}; their tracebacks are above")
-    storage = open_storage(config.study.storage)
-    study = optuna.load_study(study_name=config.study.name, storage=storage)
-    # A worker returns early only at the timeout, so fewer finished trials mean it was reached.
-    timed_out = count_finished_running(study)[0] < config.run.trials
-    storage.engine.dispose()
-    return RunOutcome(timed_out=timed_out)
+    with opened_storage(config.study.storage) as storage:
+        study = optuna.load_study(study_name=config.study.name, storage=storage)
+        # A worker returns early only at the timeout, so fewer finished trials mean it was reached.
+        return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials)
 
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:

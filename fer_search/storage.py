@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 import shutil
 import time
 import weakref
@@ -121,6 +123,18 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
                 continue
             raise UserError(f"storage {_redacted(url)}: cannot connect: {_first_line(e.orig or e)}") from e
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def opened_storage(url: str, heartbeat: Heartbeat | None = None) -> Iterator[RDBStorage]:
+    """open_storage whose connection pool is closed on leaving: Optuna's storage sits in reference
+    cycles, so its pooled connections would otherwise stay open until the garbage collector runs
+    (a fleet held twice its connections at its end)."""
+    storage = open_storage(url, heartbeat)
+    try:
+        yield storage
+    finally:
+        storage.engine.dispose()
 
 
 def _tables_exist(url: str) -> bool:
