@@ -272,16 +272,18 @@ class _TrialState:
     def on_epoch(self, record: EpochRecord, checkpoint: Callable[[], dict[str, Any]]) -> None:
         self.records.append(record)
         trial, config = self.trial, self.objective.config
+        # Checkpoint before reporting, so that whoever sees an epoch in the study (a rescuing
+        # worker, the dashboard, a test) never finds an older checkpoint than it expects.
+        if record.epoch < config.run.epochs and time.monotonic() - self.last_checkpoint >= config.run.checkpoint_every_s:
+            self._save(checkpoint(), record.epoch)
         trial.report(record.val_acc, record.epoch)
         if self.objective.progress:
             self.objective.progress(Progress(self.objective.worker, trial.number, record.epoch, config.run.epochs,
                                              record.val_acc, self.best_before))
-        if record.epoch < config.run.epochs and time.monotonic() - self.last_checkpoint >= config.run.checkpoint_every_s:
-            self._save(checkpoint())
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
-    def _save(self, ckpt: dict[str, Any]) -> None:
+    def _save(self, ckpt: dict[str, Any], epoch: int) -> None:
         ckpt = {**ckpt, "trial_params": self.params.to_dict(), "epochs": self.objective.config.run.epochs}
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
@@ -296,6 +298,7 @@ class _TrialState:
             self.trial.set_user_attr("checkpoint", self.artifact_id)
         else:  # keep only the latest
             store.write(self.artifact_id, buffer)
+        self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
         self.last_checkpoint = time.monotonic()
 
     def record_attrs(self) -> None:

@@ -63,7 +63,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 
 def running_with_checkpoint(folder: Path) -> bool:
-    """A RUNNING trial that has written a checkpoint after at least two epochs."""
+    """A RUNNING trial whose checkpoint on disk holds at least two epochs."""
     db = folder / "studies" / "fer2013.db"
     if not db.exists():
         return False
@@ -71,7 +71,7 @@ def running_with_checkpoint(folder: Path) -> bool:
         trials = load(folder).get_trials(states=(TrialState.RUNNING,))
     except (KeyError, Exception):
         return False
-    return any(len(t.intermediate_values) >= 2 and t.user_attrs.get("checkpoint") for t in trials)
+    return any(t.user_attrs.get("checkpoint_epoch", 0) >= 2 for t in trials)
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -190,7 +190,8 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number)
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert retry.user_attrs["resumed_at_epoch"] >= 3  # from its checkpoint, not from epoch 1
+    # From its checkpoint (the file may be one epoch ahead of the attribute if the kill fell between them).
+    assert retry.user_attrs["resumed_at_epoch"] >= killed.user_attrs["checkpoint_epoch"] + 1 >= 3
     assert retry.params == killed.params and retry.user_attrs["seed"] == killed.user_attrs["seed"]
     assert sorted(retry.intermediate_values) == list(range(1, retry.user_attrs["epochs_run"] + 1))
 
