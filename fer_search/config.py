@@ -6,7 +6,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, NoReturn, get_type_hints
 
 from fer_search.errors import UserError
 
@@ -144,19 +144,24 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         base = path.resolve().parent
     where = str(path) if path else "defaults"
     sections: dict[str, Any] = {}
+    # "section.key" -> where its value came from, so that a value check made after the merge can
+    # send the user to the file or the flag; a key in neither has its built-in default.
+    origins: dict[str, str] = {}
     for name, table in raw.items():
         if name not in SECTIONS:
             raise UserError(f"{where}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
         if not isinstance(table, dict):
             raise UserError(f"{where}: [{name}] must be a table")
         sections[name] = _parse_section(name, table, base, where)
+        origins.update(dict.fromkeys((f"{name}.{key}" for key in table), where))
     for key, value in (overrides or {}).items():
         name, _, sub = key.partition(".")
         parsed = _parse_section(name, {sub: value}, Path.cwd(), "command line")
         sections[name] = {**sections.get(name, {}), **parsed}
+        origins[key] = "command line"
     config = Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
     config = _resolve_defaults(config, base)
-    _check_consistency(config)
+    _check_consistency(config, origins)
     return config
 
 
@@ -196,9 +201,9 @@ def _parse_section(name: str, table: dict[str, Any], base: Path, where: str) -> 
     hints = get_type_hints(cls)
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in hints:
-            raise UserError(f"{where}: unknown key {name}.{key} (known: {', '.join(hints)})")
         label = f"{where}: {name}.{key} = {value!r}"
+        if key not in hints:
+            raise UserError(f"{label}: unknown key (known: {', '.join(hints)})")
         if name == "space":
             out[key] = _parse_space_value(key, value, hints[key], label)
         else:
@@ -255,51 +260,75 @@ def _parse_space_value(key: str, value: Any, hint: Any, label: str) -> Any:
     return parsed
 
 
-def _check_consistency(config: Config) -> None:
-    """Value checks that types alone cannot make; each names the key."""
+# Numeric keys and their least allowed value (checked after the merge, as types cannot say it).
+AT_LEAST: dict[str, float] = {
+    "run.trials": 1, "run.epochs": 1, "run.workers": 1, "run.heartbeat_interval": 1, "run.grace_period": 1,
+    "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
+    "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
+    "pruner.reduction_factor": 2, "finalize.seeds": 1, "finalize.epochs": 0,
+}
+
+
+def _check_consistency(config: Config, origins: dict[str, str]) -> None:
+    """Value checks that types alone cannot make; each names where the value came from, the key and the value."""
+
+    def where(key: str) -> str:
+        return origins.get(key, "defaults")
+
+    def fail(key: str, problem: str) -> NoReturn:
+        raise UserError(f"{where(key)}: {key} = {_show(_value(config, key))}: {problem}")
+
     s = config.space
     allowed = {"dropout_pattern": PATTERNS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
                "linear_depth": (1, 2, 3)}
     for key, choices in allowed.items():
         for v in getattr(s, key):
             if v not in choices:
-                raise UserError(f"space.{key}: {v!r} is not one of {', '.join(map(str, choices))}")
+                fail(f"space.{key}", f"{v!r} is not one of {', '.join(map(str, choices))}")
     for key in ("batch_size", "convs_per_block"):
         if any(v < 1 for v in getattr(s, key)):
-            raise UserError(f"space.{key}: values must be >= 1")
+            fail(f"space.{key}", "values must be >= 1")
     if any(v <= 0 for v in s.width):
-        raise UserError("space.width: values must be > 0")
+        fail("space.width", "values must be > 0")
     for key in ("dropout_high", "dropout_low", "dropout_head"):
         low, high = _bounds(getattr(s, key))
         if low < 0 or high >= 1:
-            raise UserError(f"space.{key}: dropout must lie in [0, 1)")
+            fail(f"space.{key}", "dropout must lie in [0, 1)")
     for key in ("lr", "weight_decay"):
         low, _ = _bounds(getattr(s, key))
         if low < 0 or (key == "lr" and low == 0):
-            raise UserError(f"space.{key}: must be {'> 0' if key == 'lr' else '>= 0'}")
+            fail(f"space.{key}", f"must be {'> 0' if key == 'lr' else '>= 0'}")
+    for key, least in AT_LEAST.items():
+        if _value(config, key) < least:
+            fail(key, f"must be >= {least}")
     r = config.run
-    positive = {"run.trials": r.trials, "run.epochs": r.epochs, "run.workers": r.workers,
-                "run.heartbeat_interval": r.heartbeat_interval, "run.grace_period": r.grace_period,
-                "finalize.seeds": config.finalize.seeds, "pruner.reduction_factor": config.pruner.reduction_factor - 1,
-                "pruner.min_epochs": config.pruner.min_epochs}
-    for key, v in positive.items():
-        if v < 1:
-            raise UserError(f"{key}: must be >= {2 if key == 'pruner.reduction_factor' else 1}, got {v}")
+    if r.wait_poll_s <= 0:  # time.sleep refuses a negative; 0 would spin on the database
+        fail("run.wait_poll_s", "must be > 0")
     if r.grace_period <= r.heartbeat_interval:
-        raise UserError(f"run.grace_period ({r.grace_period}) must exceed run.heartbeat_interval ({r.heartbeat_interval})")
-    for key, v in {"run.timeout": r.timeout, "run.max_retry": r.max_retry, "finalize.epochs": config.finalize.epochs,
-                   "pruner.warmup_epochs": config.pruner.warmup_epochs, "pruner.patience": config.pruner.patience,
-                   "pruner.startup_trials": config.pruner.startup_trials}.items():
-        if v < 0:
-            raise UserError(f"{key}: must be >= 0, got {v}")
+        fail("run.grace_period", f"must exceed run.heartbeat_interval = {r.heartbeat_interval} "
+                                 f"({where('run.heartbeat_interval')})")
     if config.pruner.kind not in PRUNERS:
-        raise UserError(f"pruner.kind: {config.pruner.kind!r} is not one of {', '.join(PRUNERS)}")
+        fail("pruner.kind", f"not one of {', '.join(PRUNERS)}")
     if not 0 < config.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction: must lie in (0, 1), got {config.data.val_fraction}")
+        fail("data.val_fraction", "must lie in (0, 1)")
     if not is_device_name(r.device):
-        raise UserError(f"run.device: {r.device!r} is not auto, cpu, cuda or cuda:K")
+        fail("run.device", "not auto, cpu, cuda or cuda:K")
     if not config.study.name or "/" in config.study.name:
-        raise UserError(f"study.name: {config.study.name!r} must be a non-empty name without '/'")
+        fail("study.name", "must be a non-empty name without '/'")
+
+
+def _value(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def _show(value: Any) -> str:
+    """A value as the parse errors show the file's: lists for choices, a dict for a range."""
+    if isinstance(value, tuple):
+        return repr(list(value))
+    if isinstance(value, FloatRange):
+        return repr(dataclasses.asdict(value))
+    return repr(value)
 
 
 def _bounds(p: FloatParam) -> tuple[float, float]:

@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from fer_search.space import TrialParams
+from fer_search.space import BLOCK_DROPOUTS, TrialParams, used_dropouts
 
 BASE_CHANNELS = (32, 64, 128, 256)
 HEAD_WIDTHS = (256, 128)  # the linear layers keep these whatever the width
@@ -34,16 +34,9 @@ def count_parameters(model: nn.Module) -> int:
 
 def _conv_dropouts(params: TrialParams) -> list[float | None]:
     """Dropout rate after each of the four blocks (None: no Dropout layer there)."""
-    patterns: dict[str, tuple[str | None, ...]] = {
-        "none": (None,) * 4,
-        "head": (None,) * 4,
-        "every": ("dropout_high",) * 4,
-        "alternate": ("dropout_high", None, "dropout_high", None),
-        "interlaced": ("dropout_high", "dropout_low", "dropout_high", "dropout_low"),
-    }
-    if params.dropout_pattern not in patterns:
+    if params.dropout_pattern not in BLOCK_DROPOUTS:
         raise ValueError(f"unknown dropout_pattern {params.dropout_pattern!r}")
-    names = patterns[params.dropout_pattern]
+    names = BLOCK_DROPOUTS[params.dropout_pattern]
     rates = [None if name is None else getattr(params, name) for name in names]
     missing = sorted({name for name, rate in zip(names, rates) if name and rate is None})
     if missing:
@@ -52,7 +45,7 @@ def _conv_dropouts(params: TrialParams) -> list[float | None]:
 
 
 def _head_dropout(params: TrialParams) -> float | None:
-    if params.dropout_pattern == "none":
+    if "dropout_head" not in used_dropouts(params.dropout_pattern):
         return None
     if params.dropout_head is None:
         raise ValueError(f"dropout_pattern {params.dropout_pattern!r} needs dropout_head")

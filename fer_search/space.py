@@ -46,10 +46,21 @@ BASELINE = TrialParams(
 )
 
 
+# The rate after each of the four conv blocks, by dropout_pattern (None: no Dropout there); every
+# pattern but "none" also puts dropout_head in the head. The model builds from this table and
+# the space suggests from it, so the two cannot disagree.
+BLOCK_DROPOUTS: dict[str, tuple[str | None, ...]] = {
+    "none": (None,) * 4,
+    "head": (None,) * 4,
+    "every": ("dropout_high",) * 4,
+    "alternate": ("dropout_high", None, "dropout_high", None),
+    "interlaced": ("dropout_high", "dropout_low", "dropout_high", "dropout_low"),
+}
+
+
 def used_dropouts(pattern: str) -> tuple[str, ...]:
     """The dropout rates a pattern uses, so that only those are suggested and recorded."""
-    conv = {"none": (), "head": (), "every": ("dropout_high",), "alternate": ("dropout_high",),
-            "interlaced": ("dropout_high", "dropout_low")}[pattern]
+    conv = tuple(dict.fromkeys(name for name in BLOCK_DROPOUTS[pattern] if name is not None))
     return conv + (() if pattern == "none" else ("dropout_head",))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from fer_search.augment import augment_batch, normalize
 from fer_search.data import FerData
+from fer_search.errors import UserError
 from fer_search.model import build_model
 from fer_search.space import TrialParams
 
@@ -64,20 +65,32 @@ EpochCallback = Callable[[EpochRecord, Callable[[], dict[str, Any]]], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when there is one, else cpu; 'cuda' without a GPU is the user's mistake."""
+    """'auto' -> cuda when there is one, else cpu; a CUDA device this machine lacks is the user's mistake."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from fer_search.errors import UserError
-
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+    gpus = torch.cuda.device_count()
+    if device.index is not None and device.index >= gpus:
+        # Caught here: CUDA would fail only at the first tensor, with an "invalid device ordinal" traceback.
+        raise UserError(f"--device {name}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'} "
+                        f"(cuda:0 to cuda:{gpus - 1})")
     return device
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on: its affinity mask where the OS has one (os.cpu_count ignores it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def configure_cpu_threads(processes: int) -> None:
     """Share the cores between the worker processes of this machine (oversubscription halves speed)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    torch.set_num_threads(max(1, _usable_cores() // max(1, processes)))
 
 
 def train_model(
@@ -134,6 +147,9 @@ def train_model(
         if on_epoch is not None:
             def checkpoint() -> dict[str, Any]:
                 return {
+                    # Generator states differ between CPU and CUDA, so a checkpoint resumes only on the
+                    # device type that wrote it: the search compares this before resuming.
+                    "device_type": device.type,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),

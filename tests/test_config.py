@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from fer_search.cli import main
 from fer_search.config import Config, FloatRange, load_config
 from fer_search.errors import UserError
 
@@ -56,29 +58,45 @@ def test_space_forms(tmp_path: Path) -> None:
     assert space.dropout_high == FloatRange(0.2, 0.5, False)
 
 
-@pytest.mark.parametrize("text, named", [
-    ("[run]\ntrials = 0\n", "run.trials"),
-    ("[run]\ntrails = 5\n", "run.trails"),
-    ("[runs]\ntrials = 5\n", "[runs]"),
-    ("[run]\nepochs = \"ten\"\n", "run.epochs"),
-    ("[run]\ndevice = \"gpu\"\n", "run.device"),
-    ("[space]\nlr = {low = 0.01, high = 0.001}\n", "space.lr"),
-    ("[space]\nlr = {low = 0.0, high = 0.001, log = true}\n", "space.lr"),
-    ("[space]\nbatch_size = []\n", "space.batch_size"),
-    ("[space]\ndropout_pattern = [\"sometimes\"]\n", "space.dropout_pattern"),
-    ("[space]\ndropout_head = 1.5\n", "space.dropout_head"),
-    ("[space]\nlinear_depth = [4]\n", "space.linear_depth"),
-    ("[pruner]\nkind = \"sometimes\"\n", "pruner.kind"),
-    ("[run]\nheartbeat_interval = 60\ngrace_period = 30\n", "run.grace_period"),
-    ("[finalize]\nseeds = 0\n", "finalize.seeds"),
-    ("[data]\nval_fraction = 1.5\n", "data.val_fraction"),
-    ("not toml [", "not valid TOML"),
+# (file text, the key or section named, the value shown): every message is one line that starts
+# with the file and names the key and its value (a file that is not TOML: where it breaks).
+@pytest.mark.parametrize("text, named, shown", [
+    ("[run]\ntrials = 0\n", "run.trials", "= 0: must be >= 1"),
+    ("[run]\ntrails = 5\n", "run.trails", "= 5"),
+    ("[runs]\ntrials = 5\n", "[runs]", "[runs]"),
+    ("[run]\nepochs = \"ten\"\n", "run.epochs", "= 'ten'"),
+    ("[run]\ndevice = \"gpu\"\n", "run.device", "= 'gpu'"),
+    ("[run]\ntimeout = -1\n", "run.timeout", "= -1.0: must be >= 0"),
+    ("[run]\ncheckpoint_every_s = -1\n", "run.checkpoint_every_s", "= -1.0: must be >= 0"),
+    ("[run]\nready_timeout_s = -5\n", "run.ready_timeout_s", "= -5.0: must be >= 0"),
+    ("[run]\nwait_poll_s = -1\n", "run.wait_poll_s", "= -1.0: must be > 0"),
+    ("[run]\nwait_poll_s = 0\n", "run.wait_poll_s", "= 0.0: must be > 0"),
+    ("[space]\nlr = {low = 0.01, high = 0.001}\n", "space.lr", "'low': 0.01, 'high': 0.001"),
+    ("[space]\nlr = {low = 0.0, high = 0.001, log = true}\n", "space.lr", "'low': 0.0"),
+    ("[space]\nlr = {low = 0.0, high = 0.001}\n", "space.lr",
+     "= {'low': 0.0, 'high': 0.001, 'log': False}: must be > 0"),
+    ("[space]\nbatch_size = []\n", "space.batch_size", "= []"),
+    ("[space]\nbatch_size = [0, 32]\n", "space.batch_size", "= [0, 32]: values must be >= 1"),
+    ("[space]\nwidth = [0.0, 1.0]\n", "space.width", "= [0.0, 1.0]"),
+    ("[space]\ndropout_pattern = [\"sometimes\"]\n", "space.dropout_pattern", "= ['sometimes']"),
+    ("[space]\ndropout_head = 1.5\n", "space.dropout_head", "= 1.5: dropout must lie in [0, 1)"),
+    ("[space]\ndropout_high = {low = 0.3, high = 1.0}\n", "space.dropout_high", "'high': 1.0"),
+    ("[space]\nlinear_depth = [4]\n", "space.linear_depth", "= [4]"),
+    ("[pruner]\nkind = \"sometimes\"\n", "pruner.kind", "= 'sometimes'"),
+    ("[pruner]\nreduction_factor = 1\n", "pruner.reduction_factor", "= 1: must be >= 2"),
+    ("[run]\nheartbeat_interval = 60\ngrace_period = 30\n", "run.grace_period",
+     "= 30: must exceed run.heartbeat_interval = 60"),
+    ("[finalize]\nseeds = 0\n", "finalize.seeds", "= 0"),
+    ("[data]\nval_fraction = 1.5\n", "data.val_fraction", "= 1.5"),
+    ("[study]\nname = \"a/b\"\n", "study.name", "= 'a/b'"),
+    ("not toml [", "not valid TOML", "line 1"),
 ])
-def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
-    with pytest.raises(UserError, match=None) as info:
-        load_config(write(tmp_path, text))
+def test_bad_config_names_the_file_key_and_value(tmp_path: Path, text: str, named: str, shown: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
     message = str(info.value)
-    assert named in message and "\n" not in message
+    assert message.startswith(f"{path}: ") and named in message and shown in message and "\n" not in message
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
@@ -86,6 +104,22 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
-def test_bad_override_is_named() -> None:
-    with pytest.raises(UserError, match="run.trials"):
-        load_config(None, {"run.trials": 0})
+def test_bad_override_names_the_command_line_even_with_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[run]\ntrials = 7\n")
+    with pytest.raises(UserError) as info:
+        load_config(path, {"run.trials": 0})
+    assert str(info.value) == "command line: run.trials = 0: must be >= 1"
+
+
+def test_a_check_of_two_keys_says_where_each_came_from(tmp_path: Path) -> None:
+    path = write(tmp_path, "[run]\nheartbeat_interval = 200\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert str(info.value) == f"defaults: run.grace_period = 120: must exceed run.heartbeat_interval = 200 ({path})"
+
+
+def test_bad_value_on_the_command_line_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[run]\nepochs = 3\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(path), "--trials", "0"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: command line: run.trials = 0: must be >= 1"]

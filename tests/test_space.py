@@ -12,7 +12,9 @@ import pytest
 
 from fer_search.config import PATTERNS, FloatRange, SpaceConfig
 from fer_search.model import build_model
-from fer_search.space import BASELINE, TrialParams, optuna_params, params_from_trial, suggest_params, used_dropouts
+from fer_search.space import (
+    BASELINE, BLOCK_DROPOUTS, TrialParams, optuna_params, params_from_trial, suggest_params, used_dropouts,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -55,6 +57,11 @@ def fixed_value(params: TrialParams, name: str) -> Any:
 ])
 def test_used_dropouts_table(pattern: str, expected: tuple[str, ...]) -> None:
     assert used_dropouts(pattern) == expected
+
+
+def test_block_dropouts_cover_every_pattern_the_config_accepts() -> None:
+    assert tuple(BLOCK_DROPOUTS) == PATTERNS
+    assert all(len(rates) == 4 for rates in BLOCK_DROPOUTS.values())
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

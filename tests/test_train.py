@@ -28,7 +28,8 @@ CPU = torch.device("cpu")
 SMALL = dataclasses.replace(BASELINE, batch_size=32, width=0.5)  # the baseline's layout, with its dropouts
 NO_DROPOUT = dataclasses.replace(SMALL, dropout_pattern="none",
                                  dropout_high=None, dropout_low=None, dropout_head=None)
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "generator", "history", "best_epoch", "best_val_acc", "best_state"}
+CHECKPOINT_KEYS = {"device_type", "model", "optimizer", "scheduler", "generator", "history", "best_epoch",
+                   "best_val_acc", "best_state"}
 
 
 class Stop(Exception):
@@ -183,6 +184,8 @@ def test_callback_gets_each_epochs_record_once(recorded: Recorded) -> None:
 def test_checkpoint_survives_weights_only_round_trip(recorded: Recorded) -> None:
     ckpt = load_checkpoint(recorded.saved)
     assert CHECKPOINT_KEYS <= set(ckpt)
+    assert ckpt["device_type"] == "cpu"  # so that a resume on another device type can refuse it
+    assert "cuda_rng" not in ckpt
     assert ckpt["history"] == [dataclasses.asdict(recorded.records[0])]
     assert ckpt["best_epoch"] == 1 and ckpt["best_val_acc"] == recorded.records[0].val_acc
     assert same_tensors(ckpt["model"], recorded.snapshot["model"])
@@ -272,6 +275,47 @@ def test_resolve_device_cuda_without_gpu_is_a_user_error(monkeypatch: pytest.Mon
     with pytest.raises(UserError, match=f"--device {name}") as info:
         resolve_device(name)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "gpus"), [("cuda:0", 1), ("cuda:1", 2), ("cuda", 1)])
+def test_resolve_device_accepts_a_gpu_this_machine_has(monkeypatch: pytest.MonkeyPatch, name: str, gpus: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_device(name) == torch.device(name)
+
+
+@pytest.mark.parametrize(("name", "gpus", "says"), [
+    ("cuda:1", 1, "this machine has 1 CUDA GPU (cuda:0 to cuda:0)"),
+    ("cuda:4", 2, "this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"),
+])
+def test_resolve_device_index_beyond_the_gpus_is_a_user_error(monkeypatch: pytest.MonkeyPatch, name: str, gpus: int,
+                                                              says: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(UserError) as info:
+        resolve_device(name)
+    assert str(info.value) == f"--device {name}: {says}"
+
+
+@pytest.mark.parametrize(("processes", "threads"), [(1, 6), (2, 3), (4, 1), (6, 1), (12, 1)])
+def test_cpu_threads_share_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch, processes: int,
+                                                          threads: int) -> None:
+    # Six cores in the affinity mask of a 64-core machine: the mask is what the process gets.
+    set_to: list[int] = []
+    monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(train_mod.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    train_mod.configure_cpu_threads(processes)
+    assert set_to == [threads]
+
+
+def test_cpu_threads_fall_back_to_the_cpu_count_without_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_to: list[int] = []
+    monkeypatch.delattr(train_mod.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(train_mod.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    train_mod.configure_cpu_threads(3)
+    assert set_to == [2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
