@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
 import json
-import shlex
-import sys
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,22 +32,29 @@ REPORTED_BASELINE = 0.61356  # the documented project's figure, measured on a sp
 Say = Callable[[str], None]
 
 
-def finalize_study(config: Config, say: Say) -> str:
-    """Retrain, evaluate on PrivateTest (and the whole test folder), write studies/<study>/final/."""
+def finalize_study(config: Config, command: str, say: Say) -> str:
+    """Retrain, evaluate on PrivateTest (and the whole test folder), write the reports to config.final_dir.
+
+    `command` is the command line of this finalize, recorded so that the report says how to reproduce it.
+    """
     study = load_existing_study(config.study.storage, config.study.name)
     best = best_complete_trial(study)
-    epochs = config.finalize.epochs or int(study.user_attrs.get("epochs", config.run.epochs))
-    data = load_data(config.data.path, config.data.cache_dir, with_test=True,
-                     val_fraction=config.data.val_fraction, split_seed=config.data.split_seed)
-    check_same_data(study, data, config.data.path)
-    configure_cpu_threads(1)
     device = resolve_device(config.run.device)
+    # Checked before any data is decoded or seed trained: a bad --out must not cost a training run.
+    out = prepared_folder(config.final_dir, "output")
+    runs_dir = prepared_folder(resume_dir(config), "resume")
+    load = functools.partial(load_data, config.data.path, config.data.cache_dir,
+                             val_fraction=config.data.val_fraction, split_seed=config.data.split_seed)
+    # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
+    check_same_data(study, load(), config.data.path)
+    data = load(with_test=True)
+    configure_cpu_threads(1)
+    epochs = config.finalize.epochs or int(study.user_attrs.get("epochs", config.run.epochs))
     seeds = [config.run.seed + i for i in range(config.finalize.seeds)]
-    out = config.final_dir
     best_params = params_from_trial(best.user_attrs)
 
     def runs_of(kind: str, params: TrialParams) -> list[tuple[SeedRun, dict[str, torch.Tensor]]]:
-        return [seed_run(kind, params, seed, epochs, data, device, out / "runs", say) for seed in seeds]
+        return [seed_run(kind, params, seed, epochs, data, device, runs_dir, say) for seed in seeds]
 
     best_runs = runs_of("best", best_params)
     baseline_runs = runs_of("baseline", BASELINE) if config.finalize.baseline else []
@@ -65,14 +73,31 @@ def finalize_study(config: Config, say: Say) -> str:
                      "test_all": "PublicTest + PrivateTest (includes the validation split)" if data.val_is_public_test
                      else "test/ (same as test)"},
         "data": {"path": str(config.data.path), "fingerprints": data.fingerprints},
+        # "run" is None for a study created before `run` recorded its command line.
+        "commands": {"run": study.user_attrs.get("command"), "finalize": command},
         **provenance(),
     }
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     baseline_same_seed = next((r for r, _ in baseline_runs if r.seed == shipped.seed), None)
-    command = "fer-search " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     written = write_reports(out, metrics, shipped, baseline_same_seed, data.test.x[:, 0].numpy(),
-                            data.test.y.numpy(), CLASSES, study, [command])
+                            data.test.y.numpy(), CLASSES, study)
     return summary_text(metrics, out, [out / "model.pt", out / "metrics.json", *written])
+
+
+def resume_dir(config: Config) -> Path:
+    """Finished seeds of an interrupted finalize: kept with the study, not in the folder users take away."""
+    return config.study.dir / config.study.name / "finalize-runs"
+
+
+def prepared_folder(path: Path, what: str) -> Path:
+    """`path`, created if need be; UserError naming it when it cannot be or cannot be written to."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"{path}: cannot create the {what} folder ({error.strerror or type(error).__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write to the {what} folder (permission denied)")
+    return path
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -94,8 +119,10 @@ def check_same_data(study: optuna.Study, data: FerData, path: Path) -> None:
 def seed_run(kind: str, params: TrialParams, seed: int, epochs: int, data: FerData, device: torch.device,
              runs_dir: Path, say: Say) -> tuple[SeedRun, dict[str, torch.Tensor]]:
     """Train one seed and evaluate it, or reuse the finished run from an interrupted finalize."""
-    path = runs_dir / f"{kind}-seed{seed}.pt"
     key = {"params": params.to_dict(), "epochs": epochs, "fingerprints": data.fingerprints}
+    # Named by its key too: the folder is the study's, shared by finalizes with other --epochs or --out.
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = runs_dir / f"{kind}-seed{seed}-{digest}.pt"
     cached = _load_run(path, key)
     if cached is not None:
         say(f"{kind} seed {seed}: reusing the finished run in {path}")
@@ -137,23 +164,29 @@ def _load_run(path: Path, key: dict[str, Any]) -> tuple[SeedRun, dict[str, torch
 
 
 def aggregate(runs: list[SeedRun]) -> dict[str, Any]:
-    """Per seed, and mean / standard deviation (ddof 1; None for one seed) over seeds."""
+    """Per seed, and mean / standard deviation (ddof 1; None for one seed) over seeds, elementwise for matrices."""
     per_seed = {str(r.seed): {"val_acc": r.val_acc, "best_epoch": r.best_epoch,
                               "private_test": r.private_test, "test_all": r.test_all} for r in runs}
-    mean = {split: _over_seeds([getattr(r, split) for r in runs], np.mean) for split in ("private_test", "test_all")}
+    mean = {split: _over_seeds([getattr(r, split) for r in runs], lambda v: np.mean(v, axis=0))
+            for split in ("private_test", "test_all")}
     std = None
     if len(runs) > 1:
-        std = {split: _over_seeds([getattr(r, split) for r in runs], lambda v: np.std(v, ddof=1))
+        std = {split: _over_seeds([getattr(r, split) for r in runs], lambda v: np.std(v, axis=0, ddof=1))
                for split in ("private_test", "test_all")}
     return {"per_seed": per_seed, "mean": mean, "std": std}
 
 
-def _over_seeds(reports: list[dict[str, Any]], stat: Callable[[list[float]], Any]) -> dict[str, Any]:
+def _over_seeds(reports: list[dict[str, Any]], stat: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """`stat` over the seeds' axis 0 of each figure of classification_report (support and n are the same for all)."""
+    def over(values: list[Any]) -> Any:
+        return np.asarray(stat(np.asarray(values, dtype=float))).tolist()
+
     return {
-        "accuracy": float(stat([r["accuracy"] for r in reports])),
-        "macro_f1": float(stat([r["macro_f1"] for r in reports])),
-        "per_class": {c: {m: float(stat([r["per_class"][c][m] for r in reports])) for m in ("precision", "recall", "f1")}
+        "accuracy": over([r["accuracy"] for r in reports]),
+        "macro_f1": over([r["macro_f1"] for r in reports]),
+        "per_class": {c: {m: over([r["per_class"][c][m] for r in reports]) for m in ("precision", "recall", "f1")}
                       for c in reports[0]["per_class"]},
+        "confusion": over([r["confusion"] for r in reports]),
     }
 
 

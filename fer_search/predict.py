@@ -48,31 +48,49 @@ def save_model(path: Path, state: dict[str, torch.Tensor], params: TrialParams, 
 
 def write_atomic(path: Path, content: bytes) -> None:
     """Write a file users keep (model, metrics, reports) so that a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: f.write(content))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda f: f.write(content))
+    except OSError as error:
+        raise UserError(f"{path}: cannot write ({error.strerror or type(error).__name__})") from None
 
 
 def load_model(path: Path | str) -> LoadedModel:
     """A finalized model, without the study or the config; refuses files that would run code."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file not found: {path}")
+        raise UserError(f"model file not found: {path} (`fer-search finalize` writes one)")
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: holds objects other than tensors and plain values; refusing to load it "
-                        "(only model.pt files written by `fer-search finalize` are accepted)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # weights_only met an object that could run code
+            raise UserError(f"{path}: holds objects other than tensors and plain values; refusing to load it "
+                            "(only model.pt files written by `fer-search finalize` are accepted)") from None
+        raise UserError(f"{path}: not a readable model file (damaged or not written by torch.save)") from None
+    # torch.load raises many types on files that are not its own (KeyError, RuntimeError, EOFError, ...).
+    except Exception as e:
         raise UserError(f"{path}: not a readable model file ({type(e).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"{path}: not a fer-search model file (no format {FORMAT!r})")
+    try:
+        return _model_from_document(doc)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: a damaged fer-search model file ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _model_from_document(doc: dict[str, Any]) -> LoadedModel:
+    """The model a model.pt document describes; raises KeyError, TypeError, ValueError or RuntimeError if damaged."""
     norm = doc["normalization"]
     if (norm["mean"], norm["std"]) != (MEAN, STD):
-        raise UserError(f"{path}: normalisation {norm} differs from this version's ({MEAN}, {STD})")
+        raise ValueError(f"normalisation {norm} differs from this version's ({MEAN}, {STD})")
+    classes = doc["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise TypeError("classes must be a non-empty list of names")
     params = TrialParams.from_dict(doc["params"])
-    model = build_model(params, num_classes=len(doc["classes"]))
+    model = build_model(params, num_classes=len(classes))
     model.load_state_dict(doc["state_dict"])
-    return LoadedModel(model.eval(), params, tuple(doc["classes"]), doc.get("meta", {}))
+    return LoadedModel(model.eval(), params, tuple(classes), doc.get("meta", {}))
 
 
 def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,18 @@ import numpy as np
 import optuna
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fer_search.predict import write_atomic
 from fer_search.space import BASELINE
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
-MIN_TRIALS_TO_COMPARE = 2  # below this a study has no history to read and no importances to assess
+MIN_TRIALS_FOR_IMPORTANCES = 2  # below this Optuna cannot compare trials at all
+# Optuna's importances (PedANOVA) contrast the best 10% of complete trials with all of them: below 10
+# that best tenth is a single trial, and a history of so few points shows no trend either.
+FEW_COMPLETE_TRIALS = 10
+MAX_WARNINGS_SHOWN = 3  # of Optuna's distinct warnings on one figure (PedANOVA warns once per parameter)
 NAMES = {"best": "best trial", "baseline": "baseline"}  # by SeedRun.kind
 COLORS = {"best": "tab:blue", "baseline": "tab:orange"}
 
@@ -47,7 +52,7 @@ class SeedRun:
 
 def write_reports(out: Path, metrics: dict[str, Any], shipped: SeedRun, baseline: SeedRun | None,
                   test_images: np.ndarray, test_labels: np.ndarray, classes: tuple[str, ...],
-                  study: optuna.Study, commands: list[str]) -> list[Path]:
+                  study: optuna.Study) -> list[Path]:
     """Write the reports into `out`, each atomically; the paths written, report.html last."""
     protocol = metrics["protocol"]
     shipped_label = f"shipped model (best trial #{metrics['best_trial']['number']}, seed {shipped.seed})"
@@ -63,10 +68,9 @@ def write_reports(out: Path, metrics: dict[str, Any], shipped: SeedRun, baseline
         "epoch_accs.json": epoch_accs_json(shipped, baseline).encode(),
         "recalls_precisions.txt": recalls_precisions_text(metrics, shipped, baseline, classes).encode(),
         **figures,
-        "report.html": report_html(metrics, shipped, baseline, classes, study, commands, figures).encode(),
+        "report.html": report_html(metrics, shipped, baseline, classes, study, figures).encode(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
+    for name, content in files.items():  # write_atomic creates `out`
         write_atomic(out / name, content)
     return [out / name for name in files]
 
@@ -189,6 +193,7 @@ def performance_png(shipped: SeedRun, baseline: SeedRun | None, model_label: str
         for run in _runs(shipped, baseline):
             _plot_curves(ax, run, metric)
         ax.set(xlabel="epoch", ylabel=name, title=f"{name}: training (solid), validation on {val_split} (dashed)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole; a 2-epoch run got 1.2, 1.4, ...
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     beside = "" if baseline is None else " and the baseline"
@@ -238,18 +243,16 @@ def search_history_png(study: optuna.Study, val_split: str) -> bytes:
     if complete == 0:
         return _note_png(title, f"the search history needs at least 1 complete trial; this study has 0 "
                                 f"(of {_count(total, 'trial')})")
-    few = complete < MIN_TRIALS_TO_COMPARE
-    note = f"only {_count(complete, 'complete trial')}: too few to show a trend" if few else None
-    return _optuna_png("plot_optimization_history", study, f"{val_split} accuracy", title, note)
+    return _optuna_png("plot_optimization_history", study, f"{val_split} accuracy", title)
 
 
 def param_importances_png(study: optuna.Study, val_split: str) -> bytes:
     complete = _count_complete(study)
     title = f"Parameter importances for {val_split} accuracy ({_count(complete, 'complete trial')})"
-    if complete < MIN_TRIALS_TO_COMPARE:
-        return _note_png(title, f"parameter importances need at least {MIN_TRIALS_TO_COMPARE} complete trials; "
+    if complete < MIN_TRIALS_FOR_IMPORTANCES:
+        return _note_png(title, f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCES} complete trials; "
                                 f"this study has {complete}")
-    return _optuna_png("plot_param_importances", study, f"{val_split} accuracy", title, None)
+    return _optuna_png("plot_param_importances", study, f"{val_split} accuracy", title)
 
 
 def _count(n: int, noun: str) -> str:
@@ -260,15 +263,28 @@ def _count_complete(study: optuna.Study) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
-def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: str, note: str | None) -> bytes:
-    """One of Optuna's matplotlib plots, retitled, with its global side effects contained."""
+def _few_trials_note(study: optuna.Study) -> str | None:
+    """What a reader of either Optuna plot must know when it rests on few trials; None when it does not."""
+    complete = _count_complete(study)
+    if complete >= FEW_COMPLETE_TRIALS:
+        return None
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.get_trials(deepcopy=False))
+    return (f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend "
+            f"or to trust the importances. Pruned trials ({pruned} here) are not shown, and the importances "
+            f"do not count them.")
+
+
+def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: str) -> bytes:
+    """One of Optuna's matplotlib plots, retitled, its warnings drawn below it, its global side effects contained."""
     matplotlib.use("Agg")  # Optuna draws through pyplot, which must never look for a display
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     # The plots switch pyplot to the ggplot style for good: keep that inside this block, and save in it,
-    # since savefig reads the style too.
-    with matplotlib.rc_context(), warnings.catch_warnings():
+    # since savefig reads the style too. Their UserWarnings (PedANOVA's "may be inaccurate" on few trials)
+    # are recorded, not printed: the figure says what they mean.
+    with matplotlib.rc_context(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             ax = getattr(optuna_plots, plot_name)(study, target_name=target_name)
@@ -277,12 +293,23 @@ def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: st
         try:
             ax.set_title("", loc="left")  # Optuna titles some plots on the left, others in the centre
             ax.set_title(title, fontsize=10)
+            note = _few_trials_note(study) or _warnings_note([w for w in caught if issubclass(w.category, UserWarning)])
             if note is not None:
-                ax.text(0.5, 0.05, note, transform=ax.transAxes, ha="center", va="bottom", fontsize=11,
-                        bbox={"facecolor": "white", "alpha": 0.9})
+                # Below the figure, never over the bars or points; bbox_inches="tight" makes room for it.
+                ax.get_figure().text(0.5, 0, textwrap.fill(note, 100), ha="center", va="top", fontsize=10,
+                                     bbox={"facecolor": "white", "edgecolor": "0.6"})
             return _png(ax.get_figure())
         finally:
             plt.close(ax.get_figure())
+
+
+def _warnings_note(caught: list[warnings.WarningMessage]) -> str | None:
+    """Optuna's own warnings, each once, for a study with trials enough that the few-trials note does not apply."""
+    messages = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught))
+    if not messages:
+        return None
+    more = f" (and {len(messages) - MAX_WARNINGS_SHOWN} more)" if len(messages) > MAX_WARNINGS_SHOWN else ""
+    return "Optuna warns: " + " ".join(messages[:MAX_WARNINGS_SHOWN]) + more
 
 
 def _note_png(title: str, note: str) -> bytes:
@@ -319,7 +346,7 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 
 
 def report_html(metrics: dict[str, Any], shipped: SeedRun, baseline: SeedRun | None, classes: tuple[str, ...],
-                study: optuna.Study, commands: list[str], figures: dict[str, bytes]) -> str:
+                study: optuna.Study, figures: dict[str, bytes]) -> str:
     """One page, every figure inlined: opens offline and can be mailed as it is."""
     protocol = metrics["protocol"]
     best = metrics["best_trial"]
@@ -342,7 +369,7 @@ def report_html(metrics: dict[str, Any], shipped: SeedRun, baseline: SeedRun | N
         "<h2>Search</h2>", _search_html(study, best),
         _figure_html(figures, "search_history.png", "Optuna's optimization history (complete trials only)"),
         _figure_html(figures, "param_importances.png", "Optuna's parameter importances"),
-        "<h2>Reproduce</h2>", _reproduce_html(metrics, commands),
+        "<h2>Reproduce</h2>", _reproduce_html(metrics),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(f'fer-search report: {study.study_name}')}</title><style>{CSS}</style></head>\n<body>\n"
@@ -419,12 +446,18 @@ def _search_html(study: optuna.Study, best: dict[str, Any]) -> str:
             + _table(["state", "trials"], rows))
 
 
-def _reproduce_html(metrics: dict[str, Any], commands: list[str]) -> str:
+def _reproduce_html(metrics: dict[str, Any]) -> str:
     git = metrics.get("git") or {}
     provenance = [[f"version of {name}", str(v)] for name, v in metrics["versions"].items()]
     provenance += [[f"git {k}", str(v)] for k, v in git.items()]
     provenance += [[f"data fingerprint ({split})", str(v)] for split, v in metrics["data"]["fingerprints"].items()]
-    listing = "\n".join(commands)
+    commands = metrics["commands"]
+    listing = "\n".join([
+        "# the search: the command that created the study",
+        commands["run"] or "# (not recorded: the study was created before fer-search recorded its command)",
+        "# this report",
+        commands["finalize"],
+    ])
     return _p("Commands:") + f"<pre>{_e(listing)}</pre>" + _table(["", "value"], provenance)
 
 

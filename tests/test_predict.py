@@ -17,6 +17,7 @@ from fer_search.cli import main
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
 from fer_search.predict import load_model, predict_images
+from fer_search.space import BASELINE
 
 
 def model_path(finalized: Path) -> Path:
@@ -79,3 +80,30 @@ def test_model_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
     garbage.write_bytes(pickle.dumps("x")[:3])
     with pytest.raises(UserError, match="garbage.pt"):
         load_model(garbage)
+
+
+@pytest.mark.parametrize("doc, message", [
+    (b"hello, not a model\n", "not a readable model file"),
+    ({"format": "fer-search-model/1"}, "damaged fer-search model file"),
+    ({"format": "fer-search-model/1", "normalization": {"mean": 0.5, "std": 0.5}, "classes": list(CLASSES),
+      "params": {}, "state_dict": {}}, "damaged fer-search model file"),
+    ({"format": "fer-search-model/1", "normalization": {"mean": 0.5, "std": 0.5}, "classes": list(CLASSES),
+      "params": BASELINE.to_dict(), "state_dict": {"w": torch.zeros(1)}}, "damaged fer-search model file"),
+    ({"something": "else"}, "not a fer-search model file"),
+])
+def test_a_damaged_model_file_is_one_line_exit_2(tmp_path: Path, tiny_fer: Path, doc: object, message: str) -> None:
+    path = tmp_path / "model.pt"
+    if isinstance(doc, bytes):
+        path.write_bytes(doc)
+    else:
+        torch.save(doc, path)
+    image = next(tiny_fer.glob("test/*/*.jpg"))
+    result = CliRunner().invoke(main, ["predict", "--model", str(path), str(image)])
+    assert result.exit_code == 2 and message in result.output and str(path) in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_missing_model_file_says_finalize_writes_one(tmp_path: Path, tiny_fer: Path) -> None:
+    image = next(tiny_fer.glob("test/*/*.jpg"))
+    result = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "nope.pt"), str(image)])
+    assert result.exit_code == 2 and "nope.pt" in result.output and "fer-search finalize" in result.output

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,11 @@ import matplotlib.image
 import numpy as np
 import optuna
 import pytest
+from matplotlib.figure import Figure
 
+from fer_search import report
 from fer_search.data import CLASSES
+from fer_search.errors import UserError
 from fer_search.finalize import REPORTED_BASELINE, aggregate
 from fer_search.metrics import classification_report
 from fer_search.report import SeedRun, write_reports
@@ -27,6 +33,7 @@ SEEDS = [0, 1, 2]
 N_TEST, N_PUBLIC, EPOCHS = 150, 100, 8
 STUDY_NAME = "fer<2013>&co"  # must come out escaped in the page
 COMMAND = "fer-search finalize --study 'fer<2013>&co' --seeds 3"
+RUN_COMMAND = "fer-search run --trials 8 --study 'fer<2013>&co'"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -102,6 +109,7 @@ def fake_inputs(study: optuna.Study) -> Inputs:
                      "test_all": "PublicTest + PrivateTest (includes the validation split)"},
         "data": {"fingerprints": {"train": "aaa111", "val": "bbb222", "test": "ccc333"}},
         "versions": {"python": "3.11.7", "optuna": optuna.__version__, "torch": "2.11.0"},
+        "commands": {"run": RUN_COMMAND, "finalize": COMMAND},
     }
     baseline_same_seed = next(r for r in baseline if r.seed == shipped.seed)
     return Inputs(metrics, shipped, baseline_same_seed, images, labels, study)
@@ -109,7 +117,7 @@ def fake_inputs(study: optuna.Study) -> Inputs:
 
 def write(inputs: Inputs, out: Path, with_baseline: bool = True) -> list[Path]:
     return write_reports(out, inputs.metrics, inputs.shipped, inputs.baseline if with_baseline else None,
-                         inputs.images, inputs.labels, CLASSES, inputs.study, [COMMAND])
+                         inputs.images, inputs.labels, CLASSES, inputs.study)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,14 @@ def test_page_escapes_what_it_interpolates(written: list[Path]) -> None:
     page = (written[0].parent / "report.html").read_text()
     assert STUDY_NAME not in page and "fer&lt;2013&gt;&amp;co" in page
     assert "fer-search finalize --study &#x27;fer&lt;2013&gt;&amp;co&#x27; --seeds 3" in page
+    assert "fer-search run --trials 8 --study &#x27;fer&lt;2013&gt;&amp;co&#x27;" in page
+
+
+def test_page_says_when_the_study_did_not_record_its_run_command(inputs: Inputs, tmp_path: Path) -> None:
+    metrics = {**inputs.metrics, "commands": {"run": None, "finalize": COMMAND}}
+    write(dataclasses.replace(inputs, metrics=metrics), tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "not recorded" in page and "fer-search finalize --study" in page
 
 
 def test_text_and_json(written: list[Path], inputs: Inputs) -> None:
@@ -196,6 +212,13 @@ def test_without_baseline(inputs: Inputs, tmp_path: Path) -> None:
     assert "Baseline (the documented configuration" not in (tmp_path / "recalls_precisions.txt").read_text()
 
 
+def test_an_unwritable_folder_is_a_user_error_naming_it(inputs: Inputs, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=re.escape(str(blocker / "final"))):
+        write(inputs, blocker / "final")
+
+
 def test_one_seed_has_no_std(inputs: Inputs, tmp_path: Path) -> None:
     one_seed = {**inputs.metrics, "seeds": [inputs.shipped.seed],
                 "best": aggregate([inputs.shipped]), "baseline": aggregate([inputs.baseline])}
@@ -210,7 +233,73 @@ def test_few_complete_trials_still_give_both_optuna_figures(inputs: Inputs, tmp_
         assert_real_png(tmp_path / name)
 
 
-@pytest.mark.filterwarnings("ignore:PedAnovaImportanceEvaluator computes:UserWarning")
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """Every figure the report saves, kept for inspection."""
+    saved: list[Figure] = []
+    save = report._png
+
+    def keep(fig: Figure) -> bytes:
+        saved.append(fig)
+        return save(fig)
+
+    monkeypatch.setattr(report, "_png", keep)
+    return saved
+
+
+def conditional_study(n_complete: int) -> optuna.Study:
+    """Trial 0 alone uses `extra`: PedANOVA warns that the parameter's regimes are too small, at any size."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial: optuna.Trial) -> float:
+        value = trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+        if trial.number == 0:
+            value += trial.suggest_float("extra", 0, 1)
+        return value
+
+    study.optimize(objective, n_trials=n_complete)
+    return study
+
+
+def drawn_notes(plot: Callable[[optuna.Study, str], bytes], study: optuna.Study, figures: list[Figure]) -> list[str]:
+    """The notes `plot` draws below the figure, in one line each; fails on any warning that escapes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot(study, "PublicTest")
+    assert [str(w.message) for w in caught] == []
+    return [" ".join(t.get_text().split()) for t in figures[-1].texts]
+
+
+@pytest.mark.parametrize("plot", [report.search_history_png, report.param_importances_png])
+def test_few_complete_trials_are_said_below_both_optuna_figures(plot: Callable[[optuna.Study, str], bytes],
+                                                                 figures: list[Figure]) -> None:
+    notes = drawn_notes(plot, toy_study(n_complete=3, n_pruned=2), figures)
+    assert len(notes) == 1
+    assert "Only 3 complete trials (fewer than 10)" in notes[0]
+    assert "Pruned trials (2 here) are not shown, and the importances do not count them" in notes[0]
+
+
+def test_optunas_warnings_on_few_trials_become_the_note(figures: list[Figure]) -> None:
+    notes = drawn_notes(report.param_importances_png, conditional_study(3), figures)
+    assert len(notes) == 1 and notes[0].startswith("Only 3 complete trials")
+
+
+def test_enough_trials_draw_no_note_but_optunas_own_warnings(figures: list[Figure]) -> None:
+    assert drawn_notes(report.search_history_png, toy_study(n_complete=10), figures) == []
+    assert drawn_notes(report.param_importances_png, toy_study(n_complete=10), figures) == []
+    notes = drawn_notes(report.param_importances_png, conditional_study(10), figures)
+    assert len(notes) == 1
+    assert notes[0].startswith("Optuna warns: Some regimes for parameter `extra`") and "inaccurate" in notes[0]
+
+
+def test_training_curves_count_whole_epochs(inputs: Inputs, figures: list[Figure]) -> None:
+    two_epochs = dataclasses.replace(inputs.shipped, history=inputs.shipped.history[:2], best_epoch=2)
+    report.performance_png(two_epochs, None, "shipped model", "PublicTest")
+    for ax in figures[-1].axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(t == int(t) for t in ticks), ticks
+
+
 def test_study_optuna_cannot_plot_still_gives_figures(inputs: Inputs, tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
