@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,34 +68,61 @@ def run(trials: int | None, study: str | None, storage: str | None, data: Path |
         epochs: int | None, device: str | None, workers: int | None, seed: int | None, timeout: float | None,
         ignore_mismatch: bool | None) -> None:
     """Search until the study holds --trials finished trials."""
-    from fer_search.search import run_search, study_status
-    from fer_search.storage import load_existing_study
+    from fer_search.search import run_search
 
     cfg = _config(config, **{"run.trials": trials, "study.name": study, "study.storage": storage, "data.path": data,
                              "run.epochs": epochs, "run.device": device, "run.workers": workers, "run.seed": seed,
                              "run.timeout": timeout, "run.ignore_mismatch": ignore_mismatch})
     try:
-        outcome = run_search(cfg, _print_progress if sys.stderr.isatty() else None)
+        outcome = run_search(cfg, _LiveLines() if sys.stderr.isatty() else None, command_line(click.get_current_context()))
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted: the study is saved and the interrupted trial will resume from its checkpoint.\n"
-                   f"resume with the same command: fer-search run --trials {cfg.run.trials} --study {cfg.study.name}",
-                   err=True)
+        click.echo("\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
+                   "last checkpoint, if it wrote one.\nresume by running the same command again", err=True)
         sys.exit(INTERRUPTED)
-    status = study_status(load_existing_study(cfg.study.storage, cfg.study.name))
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
-    _print_status(status)
+    _print_status(outcome.status)
 
 
-def _print_progress(p: Any) -> None:
-    best = "-" if p.best is None else f"{p.best:.4f}"
-    if p.state == "RUNNING":
-        click.echo(f"\r\033[K[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} "
-                   f"val_acc {p.val_acc:.4f} best {best}", nl=False, err=True)
-    else:
-        value = "-" if math.isnan(p.val_acc) else f"{p.val_acc:.4f}"
-        click.echo(f"\r\033[K[w{p.worker}] trial {p.trial} {p.state.lower()} after {p.epoch} epochs: "
-                   f"{value} (best {best})", err=True)
+def command_line(ctx: click.Context) -> str:
+    """The command as the user could type it again (from the parsed options; passwords hidden)."""
+    words = ["fer-search", *ctx.command_path.split()[1:]]  # the same program however it was started
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if not isinstance(param, click.Option) or value is None or value is False or value == param.default:
+            continue
+        if param.name == "storage":
+            from fer_search.storage import redacted
+
+            value = redacted(str(value))
+        words += [param.opts[-1]] if param.is_flag else [param.opts[-1], str(value)]
+    return shlex.join(words)
+
+
+class _LiveLines:
+    """On a terminal: one live line per worker, and a lasting line above them for each trial that ends."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, str] = {}
+        self.drawn = 0  # live lines now on the screen, below the lasting ones
+
+    def __call__(self, p: Any) -> None:
+        best = "-" if p.best is None else f"{p.best:.4f}"
+        if p.state == "RUNNING":
+            self.lines[p.worker] = (f"[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} "
+                                    f"val_acc {p.val_acc:.4f} best {best}")
+            self._draw()
+        else:
+            self.lines.pop(p.worker, None)
+            value = "-" if math.isnan(p.val_acc) else f"{p.val_acc:.4f}"
+            self._draw(f"[w{p.worker}] trial {p.trial} {p.state.lower()} after {p.epoch} epochs: {value} (best {best})")
+
+    def _draw(self, lasting: str | None = None) -> None:
+        # Up to the first live line, clear to the end of the screen, then print everything again.
+        text = "\033[F" * self.drawn + "\r\033[J" + (lasting + "\n" if lasting else "")
+        live = [self.lines[w] for w in sorted(self.lines)]
+        click.echo(text + "".join(line + "\n" for line in live), nl=False, err=True)
+        self.drawn = len(live)
 
 
 @main.command()
@@ -138,19 +166,13 @@ def _print_status(doc: dict[str, Any], baseline_excluded: bool = False) -> None:
 @config_option
 def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int, config: Path | None) -> None:
     """optuna-dashboard on the study's storage and artifact store."""
-    from fer_search.storage import open_artifact_store, open_storage
+    from fer_search.storage import serve_dashboard
 
     cfg = _config(config, **{"study.storage": storage, "study.artifacts": artifacts})
-    try:
-        from optuna_dashboard import run_server
-    except ImportError:
-        raise UserError("optuna-dashboard is not installed (pip install optuna-dashboard)") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host}: optuna-dashboard has no authentication and anyone who can "
                    "reach it can delete studies", err=True)
-    click.echo(f"optuna-dashboard on http://{host}:{port}/dashboard (Ctrl-C to stop)", err=True)
-    run_server(open_storage(cfg.study.storage), host=host, port=port,
-               artifact_store=open_artifact_store(cfg.study.artifacts))
+    serve_dashboard(cfg.study.storage, cfg.study.artifacts, host, port, _print_line)
 
 
 @main.command()
@@ -171,7 +193,7 @@ def finalize(study: str | None, storage: str | None, data: Path | None, config: 
     cfg = _config(config, **{"study.name": study, "study.storage": storage, "data.path": data,
                              "finalize.epochs": epochs, "finalize.seeds": seeds, "run.device": device,
                              "finalize.out": out, "finalize.baseline": None if no_baseline is None else not no_baseline})
-    summary = finalize_study(cfg, _print_line)
+    summary = finalize_study(cfg, command_line(click.get_current_context()), _print_line)
     click.echo(summary)
 
 

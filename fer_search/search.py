@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -9,12 +10,13 @@ import logging
 import multiprocessing
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,13 +25,13 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config, PrunerConfig
 from fer_search.data import FerData, load_data
-from fer_search.errors import UserError
+from fer_search.errors import UserError, first_line
 from fer_search.space import BASELINE, TrialParams, optuna_params, suggest_params
 from fer_search.storage import Heartbeat, open_artifact_store, opened_storage
 from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configure_cpu_threads, resolve_device,
@@ -37,6 +39,8 @@ from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configu
 
 log = logging.getLogger("fer_search")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# User attribute: the number of the trial whose objective started (set first thing in it).
+STARTED = "started_as"
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,10 @@ ProgressFn = Callable[[Progress], None]
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """How `run` ended: the study's status document, and whether --timeout stopped it short."""
+
     timed_out: bool
+    status: dict[str, Any]
 
 
 # --- study setup --------------------------------------------------------------------------
@@ -93,7 +100,7 @@ def provenance() -> dict[str, Any]:
 
 def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: dict[str, Any],
                  sampler: optuna.samplers.BaseSampler | None = None,
-                 pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+                 pruner: optuna.pruners.BasePruner | None = None, command: str | None = None) -> optuna.Study:
     """Create the study (baseline enqueued, then `ready`), or join it and check it matches.
 
     Only the process whose create_study succeeded sets the study up: enqueue_trial's
@@ -104,19 +111,21 @@ def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: d
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                     sampler=sampler, pruner=pruner, load_if_exists=False)
-        _set_up(study, config, record)
+        _set_up(study, config, record, command)
         return study
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    if not _wait_until_ready(study, config.run.ready_timeout_s):
+    # Joiners of a creator that died time out at random moments, so the first to finish the setup
+    # is seen by the others (whose check for a baseline comes after) instead of racing them.
+    if not _wait_until_ready(study, config.run.ready_timeout_s * (1 + random.random())):
         log.warning("study %s was never marked ready by its creator; finishing its setup", name)
-        _set_up(study, config, record)
+        _set_up(study, config, record, command)
     check_study_matches(study, record, config.run.ignore_mismatch)
     return study
 
 
-def _set_up(study: optuna.Study, config: Config, record: dict[str, Any]) -> None:
-    for key, value in {**record, **provenance()}.items():
+def _set_up(study: optuna.Study, config: Config, record: dict[str, Any], command: str | None) -> None:
+    for key, value in {**record, **provenance(), **({"command": command} if command else {})}.items():
         study.set_user_attr(key, value)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         params = optuna_params(BASELINE, config.space)
@@ -149,10 +158,13 @@ def check_study_matches(study: optuna.Study, record: dict[str, Any], ignore: boo
         changes.append(f"search space ({', '.join('space.' + k for k in changed_keys)})")
     if stored.get("epochs") != current["epochs"]:
         changes.append(f"epochs ({stored.get('epochs')} -> {current['epochs']})")
-    fixed_choices = [k for k in changed_keys if _categorical(stored["space"].get(k)) and _categorical(current["space"][k])]
-    if fixed_choices:  # Optuna stores a parameter's distribution once; its choices cannot change
-        raise UserError(f"study {study.study_name!r}: the choices of {', '.join('space.' + k for k in fixed_choices)} "
-                        "changed, which an Optuna study cannot follow; use --study NAME for a new study")
+    # Optuna stores a parameter's distribution once: its choices, or a range's log scale, cannot change.
+    stored_space = stored.get("space", {})
+    fixed = [k for k in changed_keys if _incompatible(stored_space.get(k), current["space"][k])]
+    if fixed:
+        raise UserError(f"study {study.study_name!r}: the choices or log scale of "
+                        f"{', '.join('space.' + k for k in fixed)} changed, which an Optuna study cannot follow; "
+                        "use --study NAME for a new study")
     if changes and not ignore:
         raise UserError(f"study {study.study_name!r} was created with different {'; '.join(changes)}: "
                         "pass --ignore-mismatch to continue it anyway, or --study NAME for a new study")
@@ -160,9 +172,14 @@ def check_study_matches(study: optuna.Study, record: dict[str, Any], ignore: boo
         log.warning("continuing study %s despite changed %s", study.study_name, "; ".join(changes))
 
 
-def _categorical(spec: Any) -> bool:
-    """A space value searched as a categorical (a list of more than one choice)."""
-    return isinstance(spec, list) and len(spec) > 1
+def _incompatible(stored: Any, current: Any) -> bool:
+    """Two searched specs of one parameter that Optuna cannot hold in one study: categoricals (lists
+    of more than one choice) with other choices, or ranges ({low, high, log}) with another log scale."""
+    if all(isinstance(spec, list) and len(spec) > 1 for spec in (stored, current)):
+        return stored != current
+    if all(isinstance(spec, dict) for spec in (stored, current)):
+        return stored.get("log") != current.get("log")
+    return False
 
 
 def make_sampler(base_seed: int, worker_index: int) -> optuna.samplers.TPESampler:
@@ -197,6 +214,10 @@ def trial_seed(base_seed: int, number: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{base_seed}/trial/{number}".encode()).digest()[:4], "little")
 
 
+class OutOfMemory(RuntimeError):
+    """A trial ran out of (GPU) memory: it fails, and its worker goes on to the next trial."""
+
+
 class Objective:
     """Train one trial: report every epoch's validation accuracy, checkpoint, prune."""
 
@@ -212,38 +233,47 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.current = trial.number
+        # First of all: retries copy user attributes, so a RUNNING trial whose STARTED is not its
+        # own number never got here (its worker died between ask and objective; see fail_orphans).
+        trial.set_user_attr(STARTED, trial.number)
         params = suggest_params(trial, self.config.space)
         seed = int(trial.user_attrs.get("seed", trial_seed(self.config.run.seed, trial.number)))
         for key, value in {"seed": seed, "trial_params": params.to_dict(), "device": str(self.device)}.items():
             trial.set_user_attr(key, value)
-        resume = self._latest_checkpoint(trial, params)
-        if resume is not None:
-            trial.set_user_attr("resumed_at_epoch", len(resume["history"]) + 1)
-            for r in resume["history"]:  # its curve is the one it trained (DESIGN.md)
-                trial.report(r["val_acc"], r["epoch"])
-        state = _TrialState(trial, self, params, time.monotonic())
+        inherited = inherited_checkpoints(trial)
+        resume = self._latest_checkpoint(trial, params, inherited)
+        trial.set_user_attr("resumed_at_epoch", 1 if resume is None else len(resume["history"]) + 1)
+        for r in resume["history"] if resume is not None else []:  # its curve is the one it trained (DESIGN.md)
+            trial.report(r["val_acc"], r["epoch"])
+        state = _TrialState(trial, self, params, time.monotonic(), inherited)
         settings = TrainSettings(epochs=self.config.run.epochs, seed=seed, device=self.device)
         try:
             result = train_model(params, self.data, settings, on_epoch=state.on_epoch, resume=resume)
         except DivergedError as e:
             trial.set_user_attr("fail_reason", f"diverged: {e}")
+            state.drop_checkpoint()
             raise optuna.TrialPruned(str(e)) from None
-        except torch.cuda.OutOfMemoryError as e:
-            trial.set_user_attr("fail_reason", f"out of GPU memory: {str(e).splitlines()[0]}")
+        except optuna.TrialPruned:
+            state.drop_checkpoint()
             raise
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            trial.set_user_attr("fail_reason", f"out of memory: {first_line(e)}")
+            state.drop_checkpoint()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the memory back to the trials sharing this GPU
+            raise OutOfMemory(first_line(e)) from None
         finally:
             state.record_attrs()
+        state.drop_checkpoint()
         trial.set_user_attr("best_epoch", result.best_epoch)
         return result.best_val_acc
 
-    def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams) -> dict[str, Any] | None:
-        """The newest loadable checkpoint among the trials this one retries; None = epoch 1."""
-        trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
-        me = trials[trial.number]
-        chain = [me] + [trials[n] for n in reversed(RetryHeartbeatStaleTrialCallback.retry_history(me)) if n in trials]
-        for artifact_id in dict.fromkeys(t.user_attrs.get("checkpoint") for t in chain):
-            if artifact_id is None:
-                continue
+    def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams,
+                           inherited: list[str]) -> dict[str, Any] | None:
+        """The newest loadable checkpoint among `inherited` (newest first); None = epoch 1."""
+        for artifact_id in inherited:
             try:
                 with self.store.open_reader(artifact_id) as f:
                     ckpt = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
@@ -251,19 +281,31 @@ class Objective:
                 log.warning("trial %d: checkpoint %s unusable (%s); trying an older one", trial.number, artifact_id,
                             type(e).__name__)
                 continue
-            if ckpt.get("trial_params") == params.to_dict() and ckpt.get("epochs") == self.config.run.epochs:
+            if (ckpt.get("trial_params") == params.to_dict() and ckpt.get("epochs") == self.config.run.epochs
+                    and ckpt.get("device_type") == self.device.type):  # RNG states differ between devices
                 log.info("trial %d resumes from epoch %d", trial.number, len(ckpt["history"]))
                 return ckpt
-        if me.user_attrs.get("checkpoint") is not None:
+        if inherited:
             log.warning("trial %d: no usable checkpoint, starting from epoch 1", trial.number)
         return None
+
+
+def inherited_checkpoints(trial: optuna.Trial) -> list[str]:
+    """Artifact ids of the checkpoints a trial may resume from, newest first: the one its user
+    attributes point at (a Ctrl-C requeue or a retry copies them), then those of the trials it retries."""
+    trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
+    me = trials[trial.number]
+    chain = [me] + [trials[n] for n in reversed(RetryHeartbeatStaleTrialCallback.retry_history(me)) if n in trials]
+    return [a for a in dict.fromkeys(t.user_attrs.get("checkpoint") for t in chain) if a is not None]
 
 
 class _TrialState:
     """Per-trial bookkeeping behind the epoch callback."""
 
-    def __init__(self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float) -> None:
+    def __init__(self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float,
+                 inherited: list[str]) -> None:
         self.trial, self.objective, self.params, self.started = trial, objective, params, started
+        self.inherited = inherited  # checkpoints of the trials this one continues
         self.records: list[EpochRecord] = []
         self.artifact_id: str | None = None
         self.last_checkpoint = started
@@ -288,18 +330,32 @@ class _TrialState:
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
         buffer.seek(0)
-        store = self.objective.store
-        if self.artifact_id is None:  # first save: register the artifact so the dashboard lists it
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"checkpoint-trial{self.trial.number}.pt"
-                path.write_bytes(buffer.getvalue())
-                self.artifact_id = upload_artifact(artifact_store=store, file_path=str(path),
-                                                   study_or_trial=self.trial)
+        if self.artifact_id is None:
+            # A plain entry of the artifact store, not an uploaded artifact: it is the trial's
+            # private state, removed when the trial ends, and an uploaded artifact's record
+            # cannot be taken off a finished trial (the dashboard would list a dead link).
+            self.artifact_id = str(uuid.uuid4())
+        try:
+            self.objective.store.write(self.artifact_id, buffer)  # keeps only the latest
+        except OSError as e:  # a full disk costs the trial its resumability, not its life
+            log.warning("trial %d: cannot write its checkpoint (%s); training on without one",
+                        self.trial.number, first_line(e))
+            return
+        if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
             self.trial.set_user_attr("checkpoint", self.artifact_id)
-        else:  # keep only the latest
-            store.write(self.artifact_id, buffer)
         self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
         self.last_checkpoint = time.monotonic()
+
+    def drop_checkpoint(self) -> None:
+        """Remove the checkpoints of a trial that ended for good (finished, pruned, out of memory):
+        nothing will resume it, and a study of many trials would otherwise fill the disk."""
+        for artifact_id in dict.fromkeys([*self.inherited, *([self.artifact_id] if self.artifact_id else [])]):
+            try:
+                self.objective.store.remove(artifact_id)
+            except (ArtifactNotFound, OSError):
+                pass
+        if self.trial.user_attrs.get("checkpoint") is not None:
+            self.trial.set_user_attr("checkpoint", None)
 
     def record_attrs(self) -> None:
         seconds = time.monotonic() - self.started
@@ -328,40 +384,90 @@ def worker_device(name: str, worker_index: int) -> torch.device:
 
 
 def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
-               progress: ProgressFn | None = None) -> RunOutcome:
+               progress: ProgressFn | None = None, command: str | None = None) -> RunOutcome:
     """Take trials until the study holds config.run.trials finished ones (DESIGN.md, --trials)."""
     quiet_optuna()
     configure_cpu_threads(local_workers)
     device = worker_device(config.run.device, worker_index)
-    data = load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
-                     split_seed=config.data.split_seed)
+    data = load_search_data(config)
     run = config.run
     heartbeat = Heartbeat(run.heartbeat_interval, run.grace_period, run.max_retry)
     with opened_storage(config.study.storage, heartbeat) as storage:
         study = ensure_study(config, storage, study_record(config, data), make_sampler(run.seed, worker_index),
-                             make_pruner(config.pruner, run.epochs))
-        return _take_trials(study, Objective(config, data, device, worker_index, progress), progress)
+                             make_pruner(config.pruner, run.epochs), command)
+        retry = storage.get_heartbeat_stale_trial_callback()
+        return _take_trials(study, Objective(config, data, device, worker_index, progress), progress, retry)
 
 
-def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn | None) -> RunOutcome:
+def load_search_data(config: Config) -> FerData:
+    """Train and validation splits only: the search never sees the test set."""
+    return load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
+                     split_seed=config.data.split_seed)
+
+
+def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn | None,
+                 retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> RunOutcome:
     run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
     try:
         while True:
             fail_stale_trials(study)
+            fail_orphans(study, run.grace_period, retry)
             finished, running = count_finished_running(study)
             if finished >= run.trials:
-                return RunOutcome(timed_out=False)
+                return RunOutcome(timed_out=False, status=study_status(study))
             if deadline is not None and time.monotonic() >= deadline:
-                return RunOutcome(timed_out=True)
+                return RunOutcome(timed_out=True, status=study_status(study))
             if finished + running >= run.trials:
                 time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
                 continue
-            study.optimize(objective, n_trials=1, catch=(torch.cuda.OutOfMemoryError,), gc_after_trial=False)
+            try:
+                study.optimize(objective, n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not _failed_elsewhere(study, objective.current):
+                    raise
+                # Its heartbeats stopped reaching the storage for a grace period, so another
+                # worker failed it and queued a retry, which resumes from its checkpoint.
+                log.warning("trial %s was failed as stale by another worker; its retry takes over", objective.current)
             _report_end(study, objective, progress)
+            objective.current = None
     except KeyboardInterrupt:
         requeue_interrupted(study, objective.current)
         raise
+
+
+def _failed_elsewhere(study: optuna.Study, number: int | None) -> bool:
+    """Whether this worker's trial was failed under it (Optuna's tell then refuses a FAIL trial)."""
+    return number is not None and study.get_trials(deepcopy=False)[number].state == TrialState.FAIL
+
+
+def fail_orphans(study: optuna.Study, grace_period: int,
+                 retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+    """Fail, and retry, the RUNNING trials whose worker died between taking them and starting them.
+
+    Why by hand: Optuna's stale check needs a heartbeat, which a trial records only once it
+    runs; a worker killed (or interrupted) in between would leave a trial RUNNING forever,
+    holding the study open and losing a queued retry. Start times come from the workers'
+    clocks, which the grace period must exceed in skew.
+    """
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = t.user_attrs.get(STARTED) == t.number
+        if started or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_period:
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker was first
+        log.warning("trial %d never started (its worker died before training it); retrying it", t.number)
+        if retry is not None:
+            retry(study, study.get_trials(deepcopy=False)[t.number])
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's own out-of-memory error, or cuDNN's and cuBLAS's failed allocations."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        marker in str(error) for marker in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
 
 
 def quiet_optuna() -> None:
@@ -395,28 +501,43 @@ def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
     study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resumed_from": number})
 
 
-def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome:
-    """`fer-search run`: one worker here, or --workers K processes against the same storage."""
+@dataclass(frozen=True)
+class WorkerError:
+    """A local worker's user error, sent to the parent, which tells it once."""
+
+    worker: int
+    message: str
+
+
+def run_search(config: Config, progress: ProgressFn | None = None, command: str | None = None) -> RunOutcome:
+    """`fer-search run`: one worker here, or --workers K processes against the same storage.
+
+    `command` (the command line) is recorded in a study this call creates.
+    """
     k = config.run.workers
     if k == 1:
-        return run_worker(config, 0, 1, progress)
-    # Decode the data and create the study once, before the workers start, so that they all
-    # find the cache warm and the study ready.
-    data = load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
-                     split_seed=config.data.split_seed)
+        return run_worker(config, 0, 1, progress, command)
+    # Check the device, decode the data and create the study once, before the workers start,
+    # so that a mistake is told once and the workers find the cache warm and the study ready.
+    quiet_optuna()
+    resolve_device(config.run.device)
+    data = load_search_data(config)
     with opened_storage(config.study.storage) as storage:
-        ensure_study(config, storage, study_record(config, data))
+        ensure_study(config, storage, study_record(config, data), command=command)
     ctx = multiprocessing.get_context("spawn")  # processes, not threads: the GIL; spawn: CUDA-safe
     queue = ctx.SimpleQueue()
     procs = [ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
              for i in range(k)]
     for p in procs:
         p.start()
+    errors: list[WorkerError] = []
     try:
         while any(p.is_alive() for p in procs) or not queue.empty():
             while not queue.empty():
                 event = queue.get()
-                if progress is not None and isinstance(event, Progress):
+                if isinstance(event, WorkerError):
+                    errors.append(event)
+                elif progress is not None:
                     progress(event)
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -432,14 +553,14 @@ def run_search(config: Config, progress: ProgressFn | None = None) -> RunOutcome
     codes = [p.exitcode for p in procs]
     if any(c == 130 for c in codes):
         raise KeyboardInterrupt
-    if 2 in codes:
-        raise UserError(f"workers exited with codes {codes}; their messages are above")
+    if errors:
+        raise UserError(f"worker {errors[0].worker}: {errors[0].message}")
     if any(codes):
         raise RuntimeError(f"workers crashed with exit codes {codes}; their tracebacks are above")
     with opened_storage(config.study.storage) as storage:
         study = optuna.load_study(study_name=config.study.name, storage=storage)
         # A worker returns early only at the timeout, so fewer finished trials mean it was reached.
-        return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials)
+        return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials, status=study_status(study))
 
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
@@ -447,7 +568,7 @@ def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) 
     try:
         run_worker(config, index, k, queue.put if live else None)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        queue.put(WorkerError(index, str(e)))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

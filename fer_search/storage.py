@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 import shutil
+import socket
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,9 +23,11 @@ from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import CreateEnginePlugin
 
 from fer_search.data import write_atomically
-from fer_search.errors import UserError
+from fer_search.errors import UserError, first_line
 
+log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE; 15 and later deny CREATE on public to non-owners
 PG_POOL_SIZE = 2  # a worker uses one connection at a time (plus the heartbeat thread's)
 
 
@@ -97,7 +101,7 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"storage {_redacted(url)}: cannot create folder {folder}: {e.strerror}") from None
+            raise UserError(f"storage {redacted(url)}: cannot create folder {folder}: {e.strerror}") from None
     hb: dict[str, Any] = {}
     if heartbeat is not None:
         hb = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
@@ -106,23 +110,44 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     # an integrity or "already exists" error, and the tables are there when it tries again.
     for attempt in range(5):
         try:
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs_for(url),
-                                 skip_table_creation=_tables_exist(url), **hb)
+            storage = _SteadyRDBStorage(url, engine_kwargs=engine_kwargs_for(url),
+                                        skip_table_creation=_tables_exist(url), **hb)
             _IMMEDIATE.add(storage.engine)
             return storage
         except ImportError as e:
-            raise UserError(f"storage {_redacted(url)}: its database driver is not installed ({_driver_hint(url)})") from e
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError):
+            raise UserError(f"storage {redacted(url)}: its database driver is not installed ({_driver_hint(url)})") from e
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError) as e:
+            if getattr(getattr(e, "orig", None), "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+                raise UserError(f"storage {redacted(url)}: the database user may not create Optuna's tables "
+                                f"({first_line(e.orig)}); grant it CREATE on the schema, or make it the "
+                                "database's owner") from None
             if attempt == 4:
-                raise
+                raise UserError(f"storage {redacted(url)}: cannot set up Optuna's tables: "
+                                f"{first_line(getattr(e, 'orig', None) or e)}") from e
             time.sleep(0.2 + random.random())
         except sqlalchemy.exc.DatabaseError as e:  # OperationalError, or SQLite's "file is not a database"
             # SQLite's forms of the same race: tables created meanwhile, or a deferred BEGIN that wrote.
             if ("already exists" in str(e) or "database is locked" in str(e)) and attempt < 4:
                 time.sleep(0.2 + random.random())
                 continue
-            raise UserError(f"storage {_redacted(url)}: cannot connect: {_first_line(e.orig or e)}") from e
+            raise UserError(f"storage {redacted(url)}: cannot connect: {first_line(e.orig or e)}") from e
     raise AssertionError("unreachable")
+
+
+class _SteadyRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose heartbeat outlives a failed write.
+
+    Why: Optuna records heartbeats in a thread that has no error handling, so one transient
+    database error (a server restart, a lock held too long) would end them for the rest of the
+    trial, and after the grace period the other workers would fail a trial that is still training.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            log.warning("heartbeat of trial id %d not recorded (%s); trying again next interval", trial_id,
+                        first_line(e))
 
 
 @contextmanager
@@ -155,28 +180,24 @@ def _check_url(url: str) -> None:
         raise UserError(f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
                         "or postgresql://user:pass@host/db)") from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
-        raise UserError(f"storage URL {_redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
+        raise UserError(f"storage URL {redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
                         "(use sqlite or postgresql)")
     try:
         parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:
-        raise UserError(f"storage URL {_redacted(url)}: unknown driver {parsed.drivername!r}") from None
+        raise UserError(f"storage URL {redacted(url)}: unknown driver {parsed.drivername!r}") from None
 
 
 def _driver_hint(url: str) -> str:
     return "pip install -e '.[postgres]'" if url.startswith("postgresql") else "install the driver for this URL"
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
+    """The URL with its password hidden, for messages and records."""
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:
         return url
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
@@ -200,10 +221,39 @@ def open_artifact_store(path: Path) -> FileSystemArtifactStore:
 
 def load_existing_study(url: str, name: str) -> optuna.Study:
     """A study that must exist already (status, finalize, predict); UserError naming it otherwise."""
-    storage = open_storage(url)
+    storage = open_existing_storage(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         known = optuna.study.get_all_study_names(storage)
-        raise UserError(f"no study {name!r} in {_redacted(url)} (studies there: {', '.join(known) or 'none'}; "
+        raise UserError(f"no study {name!r} in {redacted(url)} (studies there: {', '.join(known) or 'none'}; "
                         "start one with `fer-search run`)") from None
+
+
+def open_existing_storage(url: str) -> RDBStorage:
+    """open_storage for commands that only read: a SQLite file that is not there is a mistyped path,
+    not a database to create."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///"):]).is_file():
+        raise UserError(f"storage {url}: no such database file (start a study with `fer-search run`, "
+                        "or give --storage / --config)")
+    return open_storage(url)
+
+
+def serve_dashboard(url: str, artifacts: Path, host: str, port: int, say: Callable[[str], None]) -> None:
+    """optuna-dashboard on the storage and the artifact store, until Ctrl-C; `say` gets its address."""
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise UserError("optuna-dashboard is not installed (pip install optuna-dashboard)") from None
+    storage = open_existing_storage(url)
+    # Tried first because the web server prints its banner before it fails to bind.
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+            probe.bind((host, port))
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise UserError(f"dashboard: cannot serve on {host}:{port} ({e.strerror or first_line(e)}); "
+                        "pick another --port or --host") from None
+    say(f"optuna-dashboard on http://{host}:{port}/dashboard (Ctrl-C to stop)")
+    run_server(storage, host=host, port=port, artifact_store=open_artifact_store(artifacts))

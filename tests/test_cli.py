@@ -127,6 +127,7 @@ def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.Monkey
     calls = []
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda *a, **k: calls.append(k))
     (tmp_path / "search.toml").write_text("")
+    optuna.create_study(study_name="watched", storage=f"sqlite:///{tmp_path}/d.db")
     result = CliRunner().invoke(main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--host", "0.0.0.0",
                                        "--storage", f"sqlite:///{tmp_path}/d.db"])
     assert result.exit_code == 0 and "no authentication" in result.output
@@ -136,3 +137,32 @@ def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_python_m_is_the_same_program() -> None:
     out = subprocess.run([sys.executable, "-m", "fer_search", "--help"], capture_output=True, text=True, check=True)
     assert all(cmd in out.stdout for cmd in ("run", "status", "dashboard", "finalize", "predict", "data"))
+
+
+def test_dashboard_on_a_taken_port_exits_2(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/d.db"
+    optuna.create_study(study_name="watched", storage=storage)
+    (tmp_path / "search.toml").write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--storage", storage,
+                                           "--port", str(port)])
+    assert_one_line_error(result.exit_code, result.output, f"127.0.0.1:{port}", "--port")
+
+
+@pytest.mark.parametrize("command", [["status"], ["dashboard"], ["finalize"]])
+def test_a_mistyped_sqlite_path_is_not_created(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "search.toml").write_text("")
+    missing = tmp_path / "typo" / "fer2013.db"
+    code, output = invoke(*command, "--config", tmp_path / "search.toml", "--storage", f"sqlite:///{missing}")
+    assert_one_line_error(code, output, str(missing), "fer-search run")
+    assert not missing.parent.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_several_workers_on_a_missing_gpu_say_so_once_and_create_nothing(config: Path) -> None:
+    code, output = invoke("run", "--config", config, "--trials", 2, "--workers", 2, "--device", "cuda")
+    assert_one_line_error(code, output, "--device cuda", "no CUDA GPU")
+    assert not (config.parent / "studies" / "fer2013.db").exists()

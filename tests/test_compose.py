@@ -152,3 +152,19 @@ def test_env_example_defines_every_variable_the_compose_file_uses(env_example: d
 def test_real_env_file_is_kept_out_of_git_and_the_image() -> None:
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_postgres_keeps_its_data_on_a_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    volume, _ = mounts(services["postgres"], {})["/var/lib/postgresql/data"]
+    assert volume in compose["volumes"]  # named, so `docker compose down` keeps the studies
+
+
+def test_the_dashboard_is_optunas_own_image(services: dict[str, Any]) -> None:
+    assert services["dashboard"]["image"].startswith("ghcr.io/optuna/optuna-dashboard:")
+
+
+def test_workers_can_be_scaled(services: dict[str, Any]) -> None:
+    """`--scale worker=N` needs a service with no fixed container name and no published port."""
+    worker = services["worker"]
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["stop_signal"] == "SIGINT"  # fer-search's Ctrl-C: the running trial is queued again

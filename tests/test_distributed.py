@@ -26,6 +26,7 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import load_config
+from fer_search.errors import UserError
 from fer_search.search import trial_seed
 from fer_search.space import BASELINE, optuna_params
 from fer_search.storage import engine_kwargs_for, open_storage
@@ -246,8 +247,8 @@ def running_trial_of(storage: optuna.storages.BaseStorage, study: str, seed: int
                  and t.user_attrs.get("seed") == trial_seed(seed, t.number)), None)
 
 
-def kill_mid_trial(workers: Workers, seed: int) -> FrozenTrial:
-    """SIGKILL the worker with this --seed in the middle of a trial; returns that trial."""
+def mid_trial(workers: Workers, seed: int) -> FrozenTrial:
+    """Wait until the worker with this --seed is in the middle of a trial; returns that trial."""
     storage = open_storage(workers.url)  # may come first to the empty database: takes part in its race
     try:
         deadline = time.monotonic() + WORKER_DEADLINE_S
@@ -255,7 +256,6 @@ def kill_mid_trial(workers: Workers, seed: int) -> FrozenTrial:
             assert workers.procs[seed].poll() is None, f"worker {seed} ended before the kill\n{workers.logs()}"
             assert time.monotonic() < deadline, f"worker {seed} never got mid-trial\n{workers.logs()}"
             time.sleep(0.2)
-        os.kill(workers.procs[seed].pid, signal.SIGKILL)
         return victim
     finally:
         storage.engine.dispose()
@@ -267,9 +267,10 @@ def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(
     workers = Workers.on_new_database(postgres, "killed", tmp_path, tiny_fer)
     trials, epochs = 2, 5  # enough epochs that the kill lands mid-trial, after a checkpoint
     try:
-        for seed in (1, 2):
-            workers.start(seed, trials, epochs)
-        victim = kill_mid_trial(workers, 1)
+        workers.start(1, trials, epochs)
+        victim = mid_trial(workers, 1)  # first, so that the other cannot take both trials before it asks
+        workers.start(2, trials, epochs)
+        os.kill(workers.procs[1].pid, signal.SIGKILL)
         workers.start(3, trials, epochs)  # a newcomer, as a replacement machine would join
         codes = workers.wait()
     finally:
@@ -308,6 +309,16 @@ def test_pool_pre_ping_replaces_connections_the_server_dropped(postgres: PgServe
         assert optuna.load_study(study_name="ping", storage=storage).user_attrs == {"before": 1, "after": 2}
     finally:
         storage.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_create_tables_is_told_so(postgres: PgServer) -> None:
+    """PostgreSQL 15 and later let only a database's owner create tables in its public schema."""
+    with postgres.admin() as conn:
+        conn.execute('CREATE DATABASE "notmine"')  # owned by the superuser, not by the workers' role
+    with pytest.raises(UserError, match="may not create Optuna's tables.*grant it CREATE") as caught:
+        open_storage(postgres.url("notmine"))
+    assert "\n" not in str(caught.value) and "fer-test-password" not in str(caught.value)
 
 
 # --- a first start, many at once ----------------------------------------------------------

@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pytest
 from click.testing import CliRunner, Result
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from fer_search import search
 from fer_search.cli import main
 from fer_search.space import BASELINE, TrialParams
+from fer_search.train import DivergedError
 
+EPOCHS = 16  # a trial long enough that a signal lands mid-trial, after its second checkpoint
 FAST_RUN = """
 [run]
 heartbeat_interval = 1
@@ -74,6 +79,11 @@ def running_with_checkpoint(folder: Path) -> bool:
     return any(t.user_attrs.get("checkpoint_epoch", 0) >= 2 for t in trials)
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    artifacts = folder / "studies" / "artifacts"
+    return sorted(artifacts.iterdir()) if artifacts.exists() else []
+
+
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
     config = write_config(tmp_path, tiny_fer)
     first = cli("run", "--config", config, "--trials", 3, "--epochs", 2, "--device", "cpu")
@@ -120,6 +130,10 @@ def test_changed_epochs_or_space_refused_unless_ignored(tmp_path: Path, tiny_fer
     choices = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1",
                                         "--ignore-mismatch"])
     assert choices.exit_code == 2 and "space.width" in choices.output  # Optuna cannot change choices
+    write_config(tmp_path, tiny_fer, "[space]\nlr = {low = 1e-4, high = 3e-3, log = false}\n")
+    log_scale = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1",
+                                          "--ignore-mismatch"])
+    assert log_scale.exit_code == 2 and "space.lr" in log_scale.output and "log scale" in log_scale.output
     write_config(tmp_path, tiny_fer, "[space]\nlr = {low = 1e-4, high = 1e-2, log = true}\n")
     space = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1"])
     assert space.exit_code == 2 and "space.lr" in space.output
@@ -138,13 +152,13 @@ def test_baseline_outside_the_space_is_not_enqueued(tmp_path: Path, tiny_fer: Pa
 
 
 def test_pruning_prunes(tmp_path: Path, tiny_fer: Path) -> None:
-    """Three finished trials that reached 100% at every epoch make the median 1.0: any real trial is below it."""
+    """Three finished trials that report 2.0 at every epoch make the median 2.0: any real accuracy is below it."""
     config = write_config(tmp_path, tiny_fer, "[pruner]\nstartup_trials = 1\nwarmup_epochs = 0\n")
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 4, "--device", "cpu").exit_code == 0
     study = load(tmp_path)
     for _ in range(3):
-        study.add_trial(optuna.create_trial(value=1.0, params={}, distributions={},
-                                            intermediate_values={e: 1.0 for e in range(1, 5)}))
+        study.add_trial(optuna.create_trial(value=2.0, params={}, distributions={},
+                                            intermediate_values={e: 2.0 for e in range(1, 5)}))
     assert cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu").exit_code == 0
     new = [t for t in load(tmp_path).trials[4:]]
     assert len(new) == 2 and all(t.state == TrialState.PRUNED for t in new)
@@ -174,7 +188,7 @@ def test_three_local_workers_share_one_sqlite_file(tmp_path: Path, tiny_fer: Pat
 
 def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_fer: Path) -> None:
     config = write_config(tmp_path, tiny_fer, FAST_RUN)
-    victim = spawn_run(config, "--trials", 1, "--epochs", 8)
+    victim = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
     try:
         wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
     finally:
@@ -182,7 +196,7 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_
         victim.wait()
     killed = load(tmp_path).get_trials(states=(TrialState.RUNNING,))[0]
     time.sleep(3.5)  # past the grace period: its heartbeat is stale
-    rescuer = spawn_run(config, "--trials", 1, "--epochs", 8)
+    rescuer = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
     _, err = rescuer.communicate(timeout=300)
     assert rescuer.returncode == 0, err
     study = load(tmp_path)
@@ -194,11 +208,12 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_
     assert retry.user_attrs["resumed_at_epoch"] >= killed.user_attrs["checkpoint_epoch"] + 1 >= 3
     assert retry.params == killed.params and retry.user_attrs["seed"] == killed.user_attrs["seed"]
     assert sorted(retry.intermediate_values) == list(range(1, retry.user_attrs["epochs_run"] + 1))
+    assert checkpoint_files(tmp_path) == []  # the dead trial's and the retry's, removed once it finished
 
 
 def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path: Path, tiny_fer: Path) -> None:
     config = write_config(tmp_path, tiny_fer, FAST_RUN)
-    proc = spawn_run(config, "--trials", 1, "--epochs", 8)
+    proc = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
     wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -211,7 +226,7 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path: Path, tiny_fer: Pat
     assert waiting[0].system_attrs["fixed_params"] == failed[0].params
     assert waiting[0].user_attrs["resumed_from"] == failed[0].number
 
-    again = spawn_run(config, "--trials", 1, "--epochs", 8)
+    again = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     study = load(tmp_path)
@@ -229,3 +244,66 @@ def test_search_never_reads_the_test_split(tmp_path: Path, tiny_fer: Path) -> No
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
     result = CliRunner().invoke(main, ["finalize", "--config", str(config), "--seeds", "1", "--device", "cpu"])
     assert result.exit_code == 2 and "PrivateTest_" in result.output
+
+
+def test_a_trial_taken_but_never_started_is_failed_and_retried(tmp_path: Path, tiny_fer: Path) -> None:
+    """A worker that died between asking for a trial and starting it left no heartbeat: Optuna's stale
+    check cannot see it, and without fer-search's own check `--trials 2` would wait for it forever."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    orphan = load(tmp_path).ask()  # RUNNING, no heartbeat, never trained
+    time.sleep(3.5)  # past the grace period
+    result = cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu", "--timeout", 120)
+    assert result.exit_code == 0 and "timeout" not in result.output
+    study = load(tmp_path)
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number)
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(finished(study)) == 2 and not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_a_live_workers_trial_failed_by_another_is_handed_to_its_retry(tmp_path: Path, tiny_fer: Path) -> None:
+    """As when a worker's heartbeats stop reaching the storage for a while: another worker fails its
+    trial and queues a retry. The live worker must not crash; it goes on and takes the retry."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    proc = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
+    try:
+        wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
+        study = load(tmp_path)
+        [running] = study.get_trials(states=(TrialState.RUNNING,))
+        study.tell(running.number, state=TrialState.FAIL)  # what fail_stale_trials does elsewhere
+        RetryHeartbeatStaleTrialCallback(max_retry=3)(study, load(tmp_path).trials[running.number])
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert f"trial {running.number} was failed as stale by another worker" in err and "Traceback" not in err
+    study = load(tmp_path)
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == running.number)
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and retry.user_attrs["resumed_at_epoch"] >= 3
+
+
+@pytest.mark.parametrize("error, state, reason", [
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"), TrialState.FAIL,
+     "out of memory"),
+    (DivergedError("training loss is nan at epoch 1"), TrialState.PRUNED, "diverged"),
+])
+def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(tmp_path: Path, tiny_fer: Path,
+                                                            monkeypatch: pytest.MonkeyPatch, error: Exception,
+                                                            state: TrialState, reason: str) -> None:
+    real_train = search.train_model
+    calls = []
+
+    def first_call_fails(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(search, "train_model", first_call_fails)
+    config = write_config(tmp_path, tiny_fer)
+    result = cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    study = load(tmp_path)
+    assert study.trials[0].state == state and reason in study.trials[0].user_attrs["fail_reason"]
+    assert len(finished(study)) == 2

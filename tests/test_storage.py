@@ -199,3 +199,23 @@ def test_artifact_store_creates_its_folder_and_round_trips_bytes(tmp_path: Path)
         store.write("ckpt", io.BytesIO(payload))
         with store.open_reader("ckpt") as reader:
             assert reader.read() == payload
+
+
+def test_a_failed_heartbeat_write_does_not_end_the_heartbeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Optuna's heartbeat thread has no error handling: one failed write would end it for good."""
+    storage = open_storage(sqlite_url(tmp_path / "h.db"), Heartbeat(interval=1, grace_period=3, max_retry=1))
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    outcomes = iter([optuna.exceptions.StorageInternalError("server closed the connection"), None])
+
+    def flaky(self: Any, trial_id: int) -> None:
+        error = next(outcomes)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "record_heartbeat", flaky)
+    storage.record_heartbeat(trial._trial_id)  # the failure is logged, not raised
+    storage.record_heartbeat(trial._trial_id)  # and the next beat goes through
+    assert next(outcomes, "done") == "done"
+    assert "heartbeat of trial id" in caplog.text and "server closed the connection" in caplog.text
