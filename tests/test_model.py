@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fer_search.model import build_model, count_parameters
+from fer_search.model import Dropout, build_model, count_parameters
 from fer_search.space import BASELINE, TrialParams
 
 BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
@@ -81,7 +81,39 @@ def test_pattern_none_has_no_dropout() -> None:
 
 def test_dropouts_are_plain_float_modules() -> None:
     drops = [m for m in build_model(BASELINE).modules() if isinstance(m, nn.Dropout)]
-    assert all(type(m) is nn.Dropout and type(m.p) is float for m in drops)
+    assert len(drops) == 5 and all(type(m) is Dropout and type(m.p) is float for m in drops)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 0.6])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cpu_dropout_drops_at_its_rate_and_keeps_the_mean(p: float, layout: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(64, 32, 24, 24).add_(0.5).contiguous(memory_format=layout)  # > 0: a zero means dropped
+    y = Dropout(p).train()(x)
+    n = x.numel()
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # five binomial standard errors
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / (1 - p), rtol=1e-4)
+    assert y.is_contiguous(memory_format=layout)
+    # Which elements drop does not depend on the layout's order of channels: each channel drops at p.
+    assert ((y == 0).float().mean(dim=(0, 2, 3)) - p).abs().max().item() < 0.02
+
+
+def test_cpu_dropout_gradient_is_its_mask_and_it_is_seeded() -> None:
+    drop = Dropout(0.5).train()
+    x = torch.randn(8, 16, 6, 6, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, (y != 0).float() * 2.0)
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # the same seed draws the same mask
+
+
+def test_dropout_is_the_identity_in_eval_mode() -> None:
+    x = torch.randn(4, 256)
+    assert torch.equal(Dropout(0.5).eval()(x), x)
 
 
 def test_baseline_is_the_documented_model() -> None:
