@@ -54,10 +54,15 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=0, help="0 = the whole training set")
     parser.add_argument("--val-images", type=int, default=0, help="0 = all of PublicTest")
     parser.add_argument("--config", type=Path, help="a search.toml whose [pruner] and [space] to use")
+    parser.add_argument("--keep", type=Path, help="a new folder to keep the study in (default: a temporary one); "
+                                                  "`fer-search status --storage sqlite:///KEEP/b.db` watches it")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True)
+            folder = args.keep.resolve()
         data = args.data
         if args.train_images or args.val_images:
             data = linked_subset(args.data, folder / "data", args.train_images or 10**9, args.val_images or 10**9,

@@ -121,7 +121,7 @@ class _LiveLines:
         # Up to the first live line, clear to the end of the screen, then print everything again.
         text = "\033[F" * self.drawn + "\r\033[J" + (lasting + "\n" if lasting else "")
         live = [self.lines[w] for w in sorted(self.lines)]
-        click.echo(text + "".join(line + "\n" for line in live), nl=False, err=True)
+        click.echo(text + "".join(line + "\n" for line in live), nl=False, err=True, color=True)  # made for a terminal
         self.drawn = len(live)
 
 

@@ -166,3 +166,20 @@ def test_several_workers_on_a_missing_gpu_say_so_once_and_create_nothing(config:
     code, output = invoke("run", "--config", config, "--trials", 2, "--workers", 2, "--device", "cuda")
     assert_one_line_error(code, output, "--device cuda", "no CUDA GPU")
     assert not (config.parent / "studies" / "fer2013.db").exists()
+
+
+def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    from fer_search.cli import _LiveLines
+    from fer_search.search import Progress
+
+    live = _LiveLines()
+    live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
+    live(Progress(worker=1, trial=4, epoch=1, epochs=30, val_acc=0.38, best=None))
+    frame = capsys.readouterr().err.rsplit("\033[J", 1)[1]  # what the last redraw left on the screen
+    assert frame.splitlines() == ["[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
+                                  "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -"]
+    live(Progress(worker=0, trial=3, epoch=6, epochs=30, val_acc=0.45, best=0.5, state="PRUNED"))
+    out = capsys.readouterr().err
+    assert out.startswith("\033[F\033[F\r\033[J")  # back over the two live lines, then cleared
+    assert out.split("\033[J", 1)[1].splitlines() == ["[w0] trial 3 pruned after 6 epochs: 0.4500 (best 0.5000)",
+                                                      "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -"]

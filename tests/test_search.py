@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from fer_search import search
 from fer_search.cli import main
+from fer_search.config import PrunerConfig
 from fer_search.space import BASELINE, TrialParams
 from fer_search.train import DivergedError
 
@@ -307,3 +308,40 @@ def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(tmp_path: Path, tiny
     study = load(tmp_path)
     assert study.trials[0].state == state and reason in study.trials[0].user_attrs["fail_reason"]
     assert len(finished(study)) == 2
+
+
+@pytest.mark.parametrize("kind, patience, expected", [
+    ("median", 0, optuna.pruners.MedianPruner),
+    ("hyperband", 0, optuna.pruners.HyperbandPruner),
+    ("none", 0, optuna.pruners.NopPruner),
+    ("median", 3, optuna.pruners.PatientPruner),
+    ("hyperband", 2, optuna.pruners.PatientPruner),
+])
+def test_the_pruner_is_the_one_configured(kind: str, patience: int, expected: type) -> None:
+    config = PrunerConfig(kind=kind, patience=patience)
+    assert type(search.make_pruner(config, epochs=30)) is expected
+
+
+def test_a_hyperband_study_prunes_and_finishes(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer, "[pruner]\nkind = \"hyperband\"\nmin_epochs = 1\nreduction_factor = 2\n")
+    result = cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    study = load(tmp_path)
+    assert len(finished(study)) == 6 and study.trials[0].user_attrs["baseline"] is True
+
+
+def test_samplers_of_different_workers_draw_differently() -> None:
+    draws = []
+    for worker in (0, 1):
+        study = optuna.create_study(sampler=search.make_sampler(0, worker))
+        draws.append([study.ask().suggest_float("x", 0, 1) for _ in range(3)])
+    assert draws[0] != draws[1]
+    again = optuna.create_study(sampler=search.make_sampler(0, 0))
+    assert [again.ask().suggest_float("x", 0, 1) for _ in range(3)] == draws[0]  # seeded: reproducible
+
+
+def test_progress_stays_off_a_terminal(tmp_path: Path, tiny_fer: Path) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    result = cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu")
+    assert result.exit_code == 0
+    assert "\r" not in result.output and "\033[" not in result.output and "epoch 1/2" not in result.output
