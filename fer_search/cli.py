@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from fer_search.errors import UserError
+from fer_search.errors import LineHandler, UserError, configure_logging
 
 INTERRUPTED = 130
 
@@ -35,8 +37,7 @@ class _Cli(click.Group):
 @click.version_option(package_name="fer-search")
 def main() -> None:
     """Hyperparameter search for facial-expression recognition on FER2013."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fer_search").setLevel(logging.INFO)
+    configure_logging()
 
 
 def _config(config: Path | None, **overrides: Any) -> Any:
@@ -73,15 +74,34 @@ def run(trials: int | None, study: str | None, storage: str | None, data: Path |
     cfg = _config(config, **{"run.trials": trials, "study.name": study, "study.storage": storage, "data.path": data,
                              "run.epochs": epochs, "run.device": device, "run.workers": workers, "run.seed": seed,
                              "run.timeout": timeout, "run.ignore_mismatch": ignore_mismatch})
+    live = _LiveLines() if sys.stderr.isatty() else None
     try:
-        outcome = run_search(cfg, _LiveLines() if sys.stderr.isatty() else None, command_line(click.get_current_context()))
+        with _logging_to(live):
+            outcome = run_search(cfg, live, command_line(click.get_current_context()))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
-                   "last checkpoint, if it wrote one.\nresume by running the same command again", err=True)
+                   f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
+                   err=True)
         sys.exit(INTERRUPTED)
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
     _print_status(outcome.status)
+
+
+@contextlib.contextmanager
+def _logging_to(live: _LiveLines | None) -> Iterator[None]:
+    """fer-search's log lines go through the live display while there is one (see LineHandler)."""
+    if live is None:
+        yield
+        return
+    logger, handler = logging.getLogger("fer_search"), LineHandler(live)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def command_line(ctx: click.Context) -> str:
@@ -107,6 +127,9 @@ class _LiveLines:
         self.drawn = 0  # live lines now on the screen, below the lasting ones
 
     def __call__(self, p: Any) -> None:
+        if isinstance(p, str):  # a log line
+            self._draw(p)
+            return
         best = "-" if p.best is None else f"{p.best:.4f}"
         if p.state == "RUNNING":
             self.lines[p.worker] = (f"[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config, PrunerConfig
 from fer_search.data import FerData, load_data
-from fer_search.errors import UserError, first_line
+from fer_search.errors import LineHandler, UserError, configure_logging, first_line
 from fer_search.space import BASELINE, TrialParams, optuna_params, suggest_params
 from fer_search.storage import Heartbeat, open_artifact_store, opened_storage
 from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configure_cpu_threads, resolve_device,
@@ -56,7 +55,8 @@ class Progress:
     state: str = "RUNNING"  # or the finished trial's state name
 
 
-ProgressFn = Callable[[Progress], None]
+# Gets each Progress event, and the log lines to show above the live progress lines (str).
+ProgressFn = Callable[[Progress | str], None]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: d
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     # Joiners of a creator that died time out at random moments, so the first to finish the setup
-    # is seen by the others (whose check for a baseline comes after) instead of racing them.
+    # is usually seen by the others (whose check for a baseline comes after), not raced by them.
     if not _wait_until_ready(study, config.run.ready_timeout_s * (1 + random.random())):
         log.warning("study %s was never marked ready by its creator; finishing its setup", name)
         _set_up(study, config, record, command)
@@ -230,11 +230,19 @@ class Objective:
         self.progress = progress
         self.store = open_artifact_store(config.study.artifacts)
         self.current: int | None = None  # the running trial's number, for Ctrl-C
+        self.failed_elsewhere = False  # the storage refused an update: another worker failed the trial
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial.number
+        self.current, self.failed_elsewhere = trial.number, False
+        try:
+            return self._train(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.failed_elsewhere = True
+            raise
+
+    def _train(self, trial: optuna.Trial) -> float:
         # First of all: retries copy user attributes, so a RUNNING trial whose STARTED is not its
-        # own number never got here (its worker died between ask and objective; see fail_orphans).
+        # own number never got here (its worker died between ask and objective; see OrphanWatch).
         trial.set_user_attr(STARTED, trial.number)
         params = suggest_params(trial, self.config.space)
         seed = int(trial.user_attrs.get("seed", trial_seed(self.config.run.seed, trial.number)))
@@ -345,17 +353,23 @@ class _TrialState:
             self.trial.set_user_attr("checkpoint", self.artifact_id)
         self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
         self.last_checkpoint = time.monotonic()
+        self._remove(self.inherited)  # older than this trial's own, which a requeue or retry now finds
+        self.inherited = []
 
     def drop_checkpoint(self) -> None:
         """Remove the checkpoints of a trial that ended for good (finished, pruned, out of memory):
         nothing will resume it, and a study of many trials would otherwise fill the disk."""
-        for artifact_id in dict.fromkeys([*self.inherited, *([self.artifact_id] if self.artifact_id else [])]):
+        self._remove([*self.inherited, *([self.artifact_id] if self.artifact_id else [])])
+        if self.trial.user_attrs.get("checkpoint") is not None:
+            self.trial.set_user_attr("checkpoint", None)
+            self.trial.set_user_attr("checkpoint_epoch", None)
+
+    def _remove(self, artifact_ids: list[str]) -> None:
+        for artifact_id in artifact_ids:
             try:
                 self.objective.store.remove(artifact_id)
             except (ArtifactNotFound, OSError):
-                pass
-        if self.trial.user_attrs.get("checkpoint") is not None:
-            self.trial.set_user_attr("checkpoint", None)
+                pass  # already gone (another worker's copy of the chain): nothing to free
 
     def record_attrs(self) -> None:
         seconds = time.monotonic() - self.started
@@ -409,10 +423,11 @@ def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn
                  retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> RunOutcome:
     run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
+    orphans = OrphanWatch(run.grace_period, retry)
     try:
         while True:
             fail_stale_trials(study)
-            fail_orphans(study, run.grace_period, retry)
+            orphans.fail_and_retry(study)
             finished, running = count_finished_running(study)
             if finished >= run.trials:
                 return RunOutcome(timed_out=False, status=study_status(study))
@@ -423,45 +438,51 @@ def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn
                 continue
             try:
                 study.optimize(objective, n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                if not _failed_elsewhere(study, objective.current):
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+                # Optuna's tell refuses (ValueError) the trial another worker failed as stale
+                # while this one trained it: its heartbeats had not reached the storage for a
+                # grace period. That worker queued a retry, which resumes from the checkpoint.
+                if not (objective.failed_elsewhere or isinstance(e, optuna.exceptions.UpdateFinishedTrialError)):
                     raise
-                # Its heartbeats stopped reaching the storage for a grace period, so another
-                # worker failed it and queued a retry, which resumes from its checkpoint.
                 log.warning("trial %s was failed as stale by another worker; its retry takes over", objective.current)
-            _report_end(study, objective, progress)
-            objective.current = None
+            number, objective.current = objective.current, None  # ended: Ctrl-C must not requeue it
+            _report_end(study, objective, number, progress)
     except KeyboardInterrupt:
         requeue_interrupted(study, objective.current)
         raise
 
 
-def _failed_elsewhere(study: optuna.Study, number: int | None) -> bool:
-    """Whether this worker's trial was failed under it (Optuna's tell then refuses a FAIL trial)."""
-    return number is not None and study.get_trials(deepcopy=False)[number].state == TrialState.FAIL
+def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial:
+    """A study's trial by number (Optuna numbers a study's trials 0, 1, ... in its list's order)."""
+    return study.get_trials(deepcopy=False)[number]
 
 
-def fail_orphans(study: optuna.Study, grace_period: int,
-                 retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
-    """Fail, and retry, the RUNNING trials whose worker died between taking them and starting them.
+class OrphanWatch:
+    """Fails, and retries, the RUNNING trials whose worker died between taking them and starting them.
 
     Why by hand: Optuna's stale check needs a heartbeat, which a trial records only once it
     runs; a worker killed (or interrupted) in between would leave a trial RUNNING forever,
-    holding the study open and losing a queued retry. Start times come from the workers'
-    clocks, which the grace period must exceed in skew.
+    holding the study open and losing a queued retry. Each worker times such a trial on its own
+    clock from when it first saw it, since the workers' clocks may disagree.
     """
-    now = datetime.datetime.now()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = t.user_attrs.get(STARTED) == t.number
-        if started or t.datetime_start is None or (now - t.datetime_start).total_seconds() < grace_period:
-            continue
-        try:
-            study.tell(t.number, state=TrialState.FAIL)
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another worker was first
-        log.warning("trial %d never started (its worker died before training it); retrying it", t.number)
-        if retry is not None:
-            retry(study, study.get_trials(deepcopy=False)[t.number])
+
+    def __init__(self, grace_period: int, retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        self.grace_period, self.retry = grace_period, retry
+        self.first_seen: dict[int, float] = {}  # trial number -> time.monotonic() when first seen unstarted
+
+    def fail_and_retry(self, study: optuna.Study) -> None:
+        now = time.monotonic()
+        unstarted = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if t.user_attrs.get(STARTED) != t.number]
+        self.first_seen = {n: self.first_seen.get(n, now) for n in unstarted}
+        for number in [n for n, seen in self.first_seen.items() if now - seen >= self.grace_period]:
+            try:
+                study.tell(number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another worker was first
+            log.warning("trial %d never started (its worker died before training it); retrying it", number)
+            if self.retry is not None:
+                self.retry(study, trial_numbered(study, number))
 
 
 def is_out_of_memory(error: RuntimeError) -> bool:
@@ -483,10 +504,10 @@ def count_finished_running(study: optuna.Study) -> tuple[int, int]:
     return len(trials) - running, running
 
 
-def _report_end(study: optuna.Study, objective: Objective, progress: ProgressFn | None) -> None:
-    if progress is None or objective.current is None:
+def _report_end(study: optuna.Study, objective: Objective, number: int | None, progress: ProgressFn | None) -> None:
+    if progress is None or number is None:
         return
-    t = study.get_trials(deepcopy=False)[objective.current]
+    t = trial_numbered(study, number)
     progress(Progress(objective.worker, t.number, t.user_attrs.get("epochs_run", 0), objective.config.run.epochs,
                       t.value if t.value is not None else float("nan"), _best_value(study), t.state.name))
 
@@ -495,8 +516,8 @@ def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
     """Ctrl-C failed the running trial (Optuna's rule); enqueue it again so the next run resumes it."""
     if number is None:
         return
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if trial is None or trial.state != TrialState.FAIL:
+    trial = trial_numbered(study, number)
+    if trial.state != TrialState.FAIL:
         return
     study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resumed_from": number})
 
@@ -530,31 +551,24 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
              for i in range(k)]
     for p in procs:
         p.start()
-    errors: list[WorkerError] = []
     try:
         while any(p.is_alive() for p in procs) or not queue.empty():
             while not queue.empty():
                 event = queue.get()
                 if isinstance(event, WorkerError):
-                    errors.append(event)
-                elif progress is not None:
+                    _interrupt(procs, queue, grace_s=0)  # they requeue their trials; the user fixes and reruns
+                    raise UserError(f"worker {event.worker}: {event.message}")
+                if progress is not None:
                     progress(event)
             time.sleep(0.2)
     except KeyboardInterrupt:
         # From a terminal every worker got the Ctrl-C too; forward it to those that did not
         # (a signal sent to this process alone), after giving the others time to requeue.
-        for p in procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
-        for p in procs:
-            p.join()
+        _interrupt(procs, queue, grace_s=2)
         raise
     codes = [p.exitcode for p in procs]
     if any(c == 130 for c in codes):
         raise KeyboardInterrupt
-    if errors:
-        raise UserError(f"worker {errors[0].worker}: {errors[0].message}")
     if any(codes):
         raise RuntimeError(f"workers crashed with exit codes {codes}; their tracebacks are above")
     with opened_storage(config.study.storage) as storage:
@@ -563,8 +577,28 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
         return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials, status=study_status(study))
 
 
+def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
+    """Ctrl-C to the local workers still running after `grace_s` seconds, then wait for all to end."""
+    deadline = time.monotonic() + grace_s
+    signalled = False
+    while any(p.is_alive() for p in procs):
+        while not queue.empty():  # a worker blocked on a full pipe would never end
+            queue.get()
+        if not signalled and time.monotonic() >= deadline:
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
+            signalled = True
+        time.sleep(0.1)
+
+
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
     """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+    configure_logging()
+    if live:  # the parent prints the log lines above its live progress lines
+        logger = logging.getLogger("fer_search")
+        logger.addHandler(LineHandler(queue.put))
+        logger.propagate = False
     try:
         run_worker(config, index, k, queue.put if live else None)
     except UserError as e:

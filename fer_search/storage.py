@@ -117,7 +117,8 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
         except ImportError as e:
             raise UserError(f"storage {redacted(url)}: its database driver is not installed ({_driver_hint(url)})") from e
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError) as e:
-            if getattr(getattr(e, "orig", None), "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+            orig = getattr(e, "orig", None)  # psycopg 3 says sqlstate, psycopg2 pgcode
+            if INSUFFICIENT_PRIVILEGE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
                 raise UserError(f"storage {redacted(url)}: the database user may not create Optuna's tables "
                                 f"({first_line(e.orig)}); grant it CREATE on the schema, or make it the "
                                 "database's owner") from None
@@ -214,7 +215,8 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
 
 
 def open_artifact_store(path: Path) -> FileSystemArtifactStore:
-    """The study's artifact store (checkpoints), shared by workers and served by the dashboard."""
+    """The study's artifact store: the running trials' checkpoints (private entries, not listed as
+    artifacts), shared by the workers; the dashboard serves it for artifacts users attach to trials."""
     path.mkdir(parents=True, exist_ok=True)
     return AtomicFileSystemArtifactStore(path)
 
@@ -233,7 +235,10 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
 def open_existing_storage(url: str) -> RDBStorage:
     """open_storage for commands that only read: a SQLite file that is not there is a mistyped path,
     not a database to create."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:" and not Path(url[len("sqlite:///"):]).is_file():
+    _check_url(url)
+    database = sqlalchemy.engine.make_url(url).database
+    sqlite_file = url.startswith("sqlite") and database not in (None, "", ":memory:")
+    if sqlite_file and not Path(str(database)).is_file():
         raise UserError(f"storage {url}: no such database file (start a study with `fer-search run`, "
                         "or give --storage / --config)")
     return open_storage(url)
@@ -248,7 +253,7 @@ def serve_dashboard(url: str, artifacts: Path, host: str, port: int, say: Callab
     storage = open_existing_storage(url)
     # Tried first because the web server prints its banner before it fails to bind.
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the web server (wsgiref) picks it
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
             probe.bind((host, port))

@@ -183,3 +183,16 @@ def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str])
     assert out.startswith("\033[F\033[F\r\033[J")  # back over the two live lines, then cleared
     assert out.split("\033[J", 1)[1].splitlines() == ["[w0] trial 3 pruned after 6 epochs: 0.4500 (best 0.5000)",
                                                       "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -"]
+
+
+def test_live_lines_print_log_lines_above_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from fer_search.cli import _LiveLines
+    from fer_search.search import Progress
+
+    live = _LiveLines()
+    live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
+    capsys.readouterr()
+    live("WARNING fer_search: trial 2 never started (its worker died before training it); retrying it")
+    assert capsys.readouterr().err.split("\033[J", 1)[1].splitlines() == [
+        "WARNING fer_search: trial 2 never started (its worker died before training it); retrying it",
+        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -"]

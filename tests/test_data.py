@@ -403,4 +403,4 @@ def test_real_data_counts_and_cached_load_time(fer_root: Path, real_cache: Path)
     assert fer.fingerprints == {role: report["splits"][role]["fingerprint"] for role in ("train", "val")}
     # The two file names the public download has in two class folders each stay distinct.
     assert {"neutral/Training_52789098.jpg", "surprise/Training_52789098.jpg"} <= set(fer.train.names)
-    assert second < 2.0
+    assert second < 4.0  # a sanity bound: speed targets live in benchmarks (BENCHMARKS.md: 0.5 s)

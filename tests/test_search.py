@@ -81,8 +81,9 @@ def running_with_checkpoint(folder: Path) -> bool:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoints in the study's artifact store (not the temporary file of a write a kill cut short)."""
     artifacts = folder / "studies" / "artifacts"
-    return sorted(artifacts.iterdir()) if artifacts.exists() else []
+    return sorted(p for p in artifacts.iterdir() if not p.name.startswith(".")) if artifacts.exists() else []
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -252,8 +253,7 @@ def test_a_trial_taken_but_never_started_is_failed_and_retried(tmp_path: Path, t
     check cannot see it, and without fer-search's own check `--trials 2` would wait for it forever."""
     config = write_config(tmp_path, tiny_fer, FAST_RUN)
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
-    orphan = load(tmp_path).ask()  # RUNNING, no heartbeat, never trained
-    time.sleep(3.5)  # past the grace period
+    orphan = load(tmp_path).ask()  # RUNNING, no heartbeat, never trained: failed a grace period after it is seen
     result = cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu", "--timeout", 120)
     assert result.exit_code == 0 and "timeout" not in result.output
     study = load(tmp_path)
@@ -322,7 +322,7 @@ def test_the_pruner_is_the_one_configured(kind: str, patience: int, expected: ty
     assert type(search.make_pruner(config, epochs=30)) is expected
 
 
-def test_a_hyperband_study_prunes_and_finishes(tmp_path: Path, tiny_fer: Path) -> None:
+def test_a_hyperband_study_runs_to_its_total(tmp_path: Path, tiny_fer: Path) -> None:
     config = write_config(tmp_path, tiny_fer, "[pruner]\nkind = \"hyperband\"\nmin_epochs = 1\nreduction_factor = 2\n")
     result = cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -345,3 +345,17 @@ def test_progress_stays_off_a_terminal(tmp_path: Path, tiny_fer: Path) -> None:
     result = cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu")
     assert result.exit_code == 0
     assert "\r" not in result.output and "\033[" not in result.output and "epoch 1/2" not in result.output
+
+
+def test_a_bug_in_a_trial_is_not_taken_for_a_trial_failed_elsewhere(tmp_path: Path, tiny_fer: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna fails a trial whose objective raised before re-raising, so the trial's state alone
+    cannot tell a bug from a trial another worker failed: a bug must still stop the worker."""
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(search, "train_model", broken)
+    config = write_config(tmp_path, tiny_fer)
+    with pytest.raises(ValueError, match="a bug"):
+        cli("run", "--config", config, "--trials", 3, "--epochs", 1, "--device", "cpu", "--timeout", 60)
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
