@@ -195,9 +195,10 @@ def make_sampler(base_seed: int, worker_index: int) -> optuna.samplers.TPESample
 
 def make_pruner(config: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     pruner: optuna.pruners.BasePruner
-    if config.kind == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=config.startup_trials,
-                                             n_warmup_steps=config.warmup_epochs)
+    if config.kind in ("percentile", "median"):  # the median is the 50th percentile
+        pruner = optuna.pruners.PercentilePruner(50.0 if config.kind == "median" else config.percentile,
+                                                 n_startup_trials=config.startup_trials,
+                                                 n_warmup_steps=config.warmup_epochs)
     elif config.kind == "hyperband":
         pruner = optuna.pruners.HyperbandPruner(min_resource=config.min_epochs, max_resource=epochs,
                                                 reduction_factor=config.reduction_factor)

@@ -84,6 +84,7 @@ def test_space_forms(tmp_path: Path) -> None:
     ("[space]\nlinear_depth = [4]\n", "space.linear_depth", "= [4]"),
     ("[pruner]\nkind = \"sometimes\"\n", "pruner.kind", "= 'sometimes'"),
     ("[pruner]\nreduction_factor = 1\n", "pruner.reduction_factor", "= 1: must be >= 2"),
+    ("[pruner]\npercentile = 0\n", "pruner.percentile", "= 0.0: must lie in (0, 100)"),
     ("[run]\nheartbeat_interval = 60\ngrace_period = 30\n", "run.grace_period",
      "= 30: must exceed run.heartbeat_interval = 60"),
     ("[finalize]\nseeds = 0\n", "finalize.seeds", "= 0"),

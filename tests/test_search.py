@@ -154,7 +154,7 @@ def test_baseline_outside_the_space_is_not_enqueued(tmp_path: Path, tiny_fer: Pa
 
 
 def test_pruning_prunes(tmp_path: Path, tiny_fer: Path) -> None:
-    """Three finished trials that report 2.0 at every epoch make the median 2.0: any real accuracy is below it."""
+    """Three finished trials that report 2.0 at every epoch put every percentile at 2.0: any real accuracy is below."""
     config = write_config(tmp_path, tiny_fer, "[pruner]\nstartup_trials = 1\nwarmup_epochs = 0\n")
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 4, "--device", "cpu").exit_code == 0
     study = load(tmp_path)
@@ -311,7 +311,8 @@ def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(tmp_path: Path, tiny
 
 
 @pytest.mark.parametrize("kind, patience, expected", [
-    ("median", 0, optuna.pruners.MedianPruner),
+    ("percentile", 0, optuna.pruners.PercentilePruner),
+    ("median", 0, optuna.pruners.PercentilePruner),
     ("hyperband", 0, optuna.pruners.HyperbandPruner),
     ("none", 0, optuna.pruners.NopPruner),
     ("median", 3, optuna.pruners.PatientPruner),
@@ -359,3 +360,15 @@ def test_a_bug_in_a_trial_is_not_taken_for_a_trial_failed_elsewhere(tmp_path: Pa
     with pytest.raises(ValueError, match="a bug"):
         cli("run", "--config", config, "--trials", 3, "--epochs", 1, "--device", "cpu", "--timeout", 60)
     assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("kind, pruned", [("median", False), ("percentile", True)])
+def test_the_percentile_pruner_keeps_the_best_third_and_the_median_half(kind: str, pruned: bool) -> None:
+    study = optuna.create_study(direction="maximize", pruner=search.make_pruner(PrunerConfig(kind=kind), epochs=30))
+    for value in (0.1, 0.2, 0.3, 0.4, 0.5):
+        study.add_trial(optuna.create_trial(value=value, params={}, distributions={},
+                                            intermediate_values={e: value for e in range(1, 4)}))
+    trial = study.ask()
+    for epoch in (1, 2, 3):  # 0.35: above the median (0.3), below the best third (above 0.37)
+        trial.report(0.35, epoch)
+    assert bool(trial.should_prune()) is pruned
