@@ -46,6 +46,10 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     load = functools.partial(load_data, config.data.path, config.data.cache_dir,
                              val_fraction=config.data.val_fraction, split_seed=config.data.split_seed)
     # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
+    searched_on = study.user_attrs.get("data_path")
+    if not config.data.path.exists() and searched_on and Path(searched_on).exists():
+        raise UserError(f"{config.data.path}: no such file or folder; study {study.study_name!r} was searched on "
+                        f"{searched_on}: pass --data {searched_on}")
     check_same_data(study, load(), config.data.path)
     data = load(with_test=True)
     configure_cpu_threads(1)

@@ -125,7 +125,8 @@ def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: d
 
 
 def _set_up(study: optuna.Study, config: Config, record: dict[str, Any], command: str | None) -> None:
-    for key, value in {**record, **provenance(), **({"command": command} if command else {})}.items():
+    made_by = {"data_path": str(config.data.path), **({"command": command} if command else {})}
+    for key, value in {**record, **provenance(), **made_by}.items():
         study.set_user_attr(key, value)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         params = optuna_params(BASELINE, config.space)

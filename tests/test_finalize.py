@@ -166,3 +166,10 @@ def test_changed_data_exits_2(finalized: Path, tmp_path: Path) -> None:
     other = write_tiny_fer(tmp_path / "other", seed=1)
     error = one_line_error(finalize(finalized, "--data", str(other)))
     assert "differs from the data" in error and "train" in error
+
+
+def test_a_missing_data_path_names_the_one_the_study_was_searched_on(finalized: Path, tiny_fer: Path,
+                                                                       tmp_path: Path) -> None:
+    """`run --data X` then a bare `finalize`: the study remembers X, and the error says to pass it."""
+    error = one_line_error(finalize(finalized, "--data", str(tmp_path / "moved")))
+    assert str(tmp_path / "moved") in error and f"--data {tiny_fer}" in error
