@@ -203,7 +203,8 @@ def summary_text(metrics: dict[str, Any], out: Path, files: list[Path]) -> str:
             m = agg["mean"][split]["accuracy"]
             s = "" if agg["std"] is None else f" ± {agg['std'][split]['accuracy']:.4f}"
             parts.append(f"{split} {m:.4f}{s}")
-        return f"{name}: " + ", ".join(parts) + f" ({len(agg['per_seed'])} seeds)"
+        seeds = len(agg["per_seed"])
+        return f"{name}: " + ", ".join(parts) + f" ({seeds} seed{'' if seeds == 1 else 's'})"
 
     bt = metrics["best_trial"]
     return "\n".join([
