@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from fer_search.errors import LineHandler, UserError, configure_logging
+from fer_search.errors import UserError, configure_logging, logging_to
 
 INTERRUPTED = 130
 
@@ -76,7 +73,7 @@ def run(trials: int | None, study: str | None, storage: str | None, data: Path |
                              "run.timeout": timeout, "run.ignore_mismatch": ignore_mismatch})
     live = _LiveLines() if sys.stderr.isatty() else None
     try:
-        with _logging_to(live):
+        with logging_to(live):
             outcome = run_search(cfg, live, command_line(click.get_current_context()))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
@@ -86,22 +83,6 @@ def run(trials: int | None, study: str | None, storage: str | None, data: Path |
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
     _print_status(outcome.status)
-
-
-@contextlib.contextmanager
-def _logging_to(live: _LiveLines | None) -> Iterator[None]:
-    """fer-search's log lines go through the live display while there is one (see LineHandler)."""
-    if live is None:
-        yield
-        return
-    logger, handler = logging.getLogger("fer_search"), LineHandler(live)
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = True
 
 
 def command_line(ctx: click.Context) -> str:

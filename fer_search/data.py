@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fer_search.config import DataConfig
 from fer_search.errors import UserError
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -115,6 +116,12 @@ def load_data(
         train_split, val_split = _split_data(train), _split_data(_cached_arrays(plan.val, cache_dir))
     test_split = _split_data(_cached_arrays(plan.test, cache_dir)) if plan.test is not None else None
     return FerData(train=train_split, val=val_split, test=test_split, val_is_public_test=plan.val is not None)
+
+
+def load_configured(config: DataConfig, *, with_test: bool = False) -> FerData:
+    """load_data with the [data] settings of search.toml: the one way `run` and `finalize` read a data set."""
+    return load_data(config.path, config.cache_dir, with_test=with_test, val_fraction=config.val_fraction,
+                     split_seed=config.split_seed)
 
 
 def check_data(path: Path, cache_dir: Path, *, val_fraction: float = 0.1, split_seed: int = 0) -> dict[str, Any]:

@@ -4,7 +4,8 @@ errors, and its log lines."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
@@ -40,3 +41,19 @@ class LineHandler(logging.Handler):
             self.send(self.format(record))
         except Exception:
             self.handleError(record)
+
+
+@contextmanager
+def logging_to(send: Callable[[str], None] | None) -> Iterator[None]:
+    """While inside, fer-search's log lines go to `send` (see LineHandler), not the terminal; None: unchanged."""
+    if send is None:
+        yield
+        return
+    logger, handler = logging.getLogger("fer_search"), LineHandler(send)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True

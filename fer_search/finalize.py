@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -17,7 +16,7 @@ import optuna
 import torch
 
 from fer_search.config import Config
-from fer_search.data import CLASSES, FerData, load_data
+from fer_search.data import CLASSES, FerData, load_configured
 from fer_search.errors import UserError
 from fer_search.metrics import classification_report
 from fer_search.predict import probabilities, save_model, write_atomic
@@ -43,15 +42,13 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     # Checked before any data is decoded or seed trained: a bad --out must not cost a training run.
     out = prepared_folder(config.final_dir, "output")
     runs_dir = prepared_folder(resume_dir(config), "resume")
-    load = functools.partial(load_data, config.data.path, config.data.cache_dir,
-                             val_fraction=config.data.val_fraction, split_seed=config.data.split_seed)
-    # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
     searched_on = study.user_attrs.get("data_path")
     if not config.data.path.exists() and searched_on and Path(searched_on).exists():
         raise UserError(f"{config.data.path}: no such file or folder; study {study.study_name!r} was searched on "
                         f"{searched_on}: pass --data {searched_on}")
-    check_same_data(study, load(), config.data.path)
-    data = load(with_test=True)
+    # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
+    check_same_data(study, load_configured(config.data), config.data.path)
+    data = load_configured(config.data, with_test=True)
     configure_cpu_threads(1)
     epochs = config.finalize.epochs or int(study.user_attrs.get("epochs", config.run.epochs))
     seeds = [config.run.seed + i for i in range(config.finalize.seeds)]

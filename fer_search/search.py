@@ -29,8 +29,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config, PrunerConfig
-from fer_search.data import FerData, load_data
-from fer_search.errors import LineHandler, UserError, configure_logging, first_line
+from fer_search.data import FerData, load_configured
+from fer_search.errors import UserError, configure_logging, first_line, logging_to
 from fer_search.space import BASELINE, TrialParams, optuna_params, suggest_params
 from fer_search.storage import Heartbeat, open_artifact_store, opened_storage
 from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configure_cpu_threads, resolve_device,
@@ -405,7 +405,7 @@ def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
     quiet_optuna()
     configure_cpu_threads(local_workers)
     device = worker_device(config.run.device, worker_index)
-    data = load_search_data(config)
+    data = load_configured(config.data)  # train and val: the search never sees the test set
     run = config.run
     heartbeat = Heartbeat(run.heartbeat_interval, run.grace_period, run.max_retry)
     with opened_storage(config.study.storage, heartbeat) as storage:
@@ -413,12 +413,6 @@ def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
                              make_pruner(config.pruner, run.epochs), command)
         retry = storage.get_heartbeat_stale_trial_callback()
         return _take_trials(study, Objective(config, data, device, worker_index, progress), progress, retry)
-
-
-def load_search_data(config: Config) -> FerData:
-    """Train and validation splits only: the search never sees the test set."""
-    return load_data(config.data.path, config.data.cache_dir, val_fraction=config.data.val_fraction,
-                     split_seed=config.data.split_seed)
 
 
 def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn | None,
@@ -544,7 +538,7 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
     # so that a mistake is told once and the workers find the cache warm and the study ready.
     quiet_optuna()
     resolve_device(config.run.device)
-    data = load_search_data(config)
+    data = load_configured(config.data)  # train and val: the search never sees the test set
     with opened_storage(config.study.storage) as storage:
         ensure_study(config, storage, study_record(config, data), command=command)
     ctx = multiprocessing.get_context("spawn")  # processes, not threads: the GIL; spawn: CUDA-safe
@@ -597,12 +591,10 @@ def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
     """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
     configure_logging()
-    if live:  # the parent prints the log lines above its live progress lines
-        logger = logging.getLogger("fer_search")
-        logger.addHandler(LineHandler(queue.put))
-        logger.propagate = False
     try:
-        run_worker(config, index, k, queue.put if live else None)
+        # Live, the parent prints the log lines above its progress lines.
+        with logging_to(queue.put if live else None):
+            run_worker(config, index, k, queue.put if live else None)
     except UserError as e:
         queue.put(WorkerError(index, str(e)))
         sys.exit(2)

@@ -120,11 +120,11 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
             orig = getattr(e, "orig", None)  # psycopg 3 says sqlstate, psycopg2 pgcode
             if INSUFFICIENT_PRIVILEGE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
                 raise UserError(f"storage {redacted(url)}: the database user may not create Optuna's tables "
-                                f"({first_line(e.orig)}); grant it CREATE on the schema, or make it the "
+                                f"({first_line(orig)}); grant it CREATE on the schema, or make it the "
                                 "database's owner") from None
             if attempt == 4:
                 raise UserError(f"storage {redacted(url)}: cannot set up Optuna's tables: "
-                                f"{first_line(getattr(e, 'orig', None) or e)}") from e
+                                f"{first_line(orig or e)}") from e
             time.sleep(0.2 + random.random())
         except sqlalchemy.exc.DatabaseError as e:  # OperationalError, or SQLite's "file is not a database"
             # SQLite's forms of the same race: tables created meanwhile, or a deferred BEGIN that wrote.
