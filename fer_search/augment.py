@@ -16,8 +16,10 @@ CANDIDATES = 10  # torchvision's RandomResizedCrop tries 10 boxes before its fal
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,1,H,W) -> float32 (x/255 - MEAN)/STD on the same device."""
-    return (x.float() / 255.0 - MEAN) / STD
+    """uint8 (N,1,H,W) -> float32 (x/255 - MEAN)/STD on the same device, in two kernels."""
+    # uint8 times a Python float promotes to float32 (the default dtype) inside the multiply, so
+    # the cast needs no kernel of its own: the affine map is one multiply and one in-place shift.
+    return (x * (1 / (255 * STD))).sub_(MEAN / STD)
 
 
 def sample_crop_boxes(n: int, generator: torch.Generator, size: int = 56,
@@ -58,34 +60,75 @@ def crop_resize_flip(padded: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
     clamped to the box's edge pixels as F.interpolate clamps to the cropped image's edges when it
     upsamples. The map is affine per axis, so the grid is built from two 1-D coordinate rows.
     """
-    n, _, height, width = padded.shape
-    boxes = boxes.to(device=padded.device, dtype=padded.dtype)
-    top, left, h, w = boxes.unbind(dim=1)
-    frac = (torch.arange(out_size, device=padded.device, dtype=padded.dtype) + 0.5) / out_size
-    flip = flip.to(padded.device)[:, None]
-    x = _box_coords(left, w, torch.where(flip, 1 - frac, frac), width)  # flip: negated x scale
-    y = _box_coords(top, h, frac.expand(n, -1), height)
-    grid = torch.stack([x[:, None, :].expand(n, out_size, out_size),
-                        y[:, :, None].expand(n, out_size, out_size)], dim=-1)
-    return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    _, _, height, width = padded.shape
+    x, y = _sample_positions(boxes.to(device=padded.device, dtype=padded.dtype), flip.to(padded.device), out_size)
+    # align_corners=False: -1 and 1 are the image's outer edges, so an edge position p maps to p * 2/size - 1.
+    return F.grid_sample(padded, _grid(x * (2 / width) - 1, y * (2 / height) - 1), mode="bilinear",
+                         padding_mode="border", align_corners=False)
 
 
-def _box_coords(start: torch.Tensor, length: torch.Tensor, frac: torch.Tensor,
-                size: int) -> torch.Tensor:
-    """Normalised grid coordinates (N, out) of fractions of each box along one axis."""
-    start, length = start[:, None], length[:, None]
-    pixel = torch.minimum(torch.maximum(start + length * frac, start + 0.5), start + length - 0.5)
-    return pixel * (2 / size) - 1  # align_corners=False: -1 and 1 are the image's outer edges
+def plan_augmentation(n: int, generator: torch.Generator, size: int = 48) -> torch.Tensor:
+    """The crops and flips of n size x size images, drawn at once: (n, 2, size) float grid rows.
+
+    Row 0 holds each image's x sampling coordinates (its flip folded in), row 1 its y coordinates,
+    both normalised for apply_plan's grid_sample on the unpadded image. Draws what augment_batch
+    always drew, in the same order (the boxes of sample_crop_boxes on the reflect-padded image,
+    then one flip each). Why a plan: the trainer pays sampling's ~70 small ops once an epoch, not
+    once a batch, and each is a kernel launch on the GPU.
+    """
+    boxes = sample_crop_boxes(n, generator, size=size + 2 * PAD)
+    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+    x, y = _sample_positions(boxes, flip, size)
+    # The reflect padding is folded into the sampling: mirroring the image about its edge pixels'
+    # centres and interpolating linearly commute, so sampling the padded image at edge position p
+    # equals sampling the unpadded one, with grid_sample's reflection about the corner pixels'
+    # centres (align_corners=True), at pixel centre p - 0.5 - PAD. Boxes reach at most PAD pixels
+    # past the image (PAD < size - 1), so a single reflection always lands inside.
+    rows = torch.stack([x, y], dim=1)
+    return (rows - (PAD + 0.5)) * (2 / (size - 1)) - 1  # align_corners=True: -1 and 1 are the corner pixels' centres
+
+
+def apply_plan(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,1,S,S) and their plan rows (N,2,S) -> normalised float32 (N,1,S,S), in four kernels.
+
+    rows is a slice of plan_augmentation's result, on x's device, one row pair per image of x.
+    """
+    # Normalising before the resample is equivalent: bilinear weights sum to 1.
+    grid_x, grid_y = rows.unbind(dim=1)
+    return F.grid_sample(normalize(x), _grid(grid_x, grid_y), mode="bilinear", padding_mode="reflection",
+                         align_corners=True)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """uint8 (N,1,48,48) -> normalised float32 (N,1,48,48): reflect-pad 4, random resized crop, flip.
 
-    All draws come from `generator`, which must live on x's device.
+    All draws come from `generator`, which must live on x's device. The trainer draws a whole
+    epoch's plan at once instead and applies a slice of it per batch: the same two functions.
     """
-    n, _, height, _ = x.shape
-    # Normalising before the resample is equivalent: bilinear weights sum to 1.
-    padded = F.pad(normalize(x), (PAD, PAD, PAD, PAD), mode="reflect")
-    boxes = sample_crop_boxes(n, generator, size=height + 2 * PAD)
-    flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
-    return crop_resize_flip(padded, boxes, flip, out_size=height)
+    return apply_plan(x, plan_augmentation(len(x), generator, size=x.shape[-1]))
+
+
+def _sample_positions(boxes: torch.Tensor, flip: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each output pixel samples its box: x (N, out_size, flips folded in) and y (N, out_size).
+
+    Positions are in pixels of the (padded) image the boxes are in, measured from its left or top
+    edge (pixel i spans i to i + 1): top + (k + 0.5) * h / out_size, clamped to the box's edge
+    pixels' centres.
+    """
+    top, left, h, w = boxes.unbind(dim=1)
+    frac = (torch.arange(out_size, device=boxes.device, dtype=boxes.dtype) + 0.5) / out_size
+    x = _box_positions(left, w, torch.where(flip[:, None], 1 - frac, frac))  # flip: negated x scale
+    y = _box_positions(top, h, frac)
+    return x, y
+
+
+def _box_positions(start: torch.Tensor, length: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """Positions (N, out) of fractions of each box along one axis, kept within its edge pixels' centres."""
+    start, length = start[:, None], length[:, None]
+    return torch.minimum(torch.maximum(start + length * frac, start + 0.5), start + length - 0.5)
+
+
+def _grid(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """grid_sample's (N, S, S, 2) grid from per-image coordinate rows x and y (N, S): one kernel, the rest views."""
+    n, size = x.shape
+    return torch.stack([x[:, None, :].expand(n, size, size), y[:, :, None].expand(n, size, size)], dim=-1)

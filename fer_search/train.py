@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_search.augment import augment_batch, normalize
+from fer_search.augment import apply_plan, normalize, plan_augmentation
 from fer_search.data import FerData
 from fer_search.errors import UserError
 from fer_search.model import build_model
@@ -180,24 +180,33 @@ def _train_one_epoch(
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=generator, device=x.device)
+    # Images, labels and augmentation drawn once per epoch, in the permutation's order, so that a
+    # batch is a slice (a view) of each: per step that saves two gathers and the ~70 small ops of
+    # sampling crops and flips, each a kernel launch on the GPU (BENCHMARKS.md). The price is one
+    # copy of the uint8 training images (66 MB for FER2013's 28,709).
+    x, y = x[order], y[order]
+    plan = plan_augmentation(n, generator, size=x.shape[-1])
     loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    predicted = torch.empty(n, device=x.device, dtype=torch.long)
     seen = 0
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on a single image
+        end = min(i + batch_size, n)
+        if end - i < 2:  # BatchNorm cannot train on a single image (only the last batch can be this short)
             continue
-        xb = augment_batch(x[idx], generator).contiguous(memory_format=torch.channels_last)
-        yb = y[idx]
+        xb = apply_plan(x[i:end], plan[i:end]).contiguous(memory_format=torch.channels_last)
+        yb = y[i:end]
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == yb).sum()
-        seen += len(idx)
+        # One kernel each per step: the weighted loss added in place, the predictions written into
+        # the epoch's buffer and compared with the labels once, after the loop.
+        loss_sum.add_(loss.detach(), alpha=end - i)
+        torch.argmax(logits, dim=1, out=predicted[i:end])
+        seen = end  # the trained batches are a prefix of the epoch
+    correct = (predicted[:seen] == y[:seen]).sum()
     return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from fer_search.augment import MEAN, STD, augment_batch, crop_resize_flip, normalize, sample_crop_boxes
+from fer_search import augment
+from fer_search.augment import (
+    MEAN, STD, apply_plan, augment_batch, crop_resize_flip, normalize, plan_augmentation, sample_crop_boxes,
+)
 
 PADDED = 56
 QUANTILES = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
@@ -149,3 +155,59 @@ def test_runs_on_cuda_with_a_cuda_generator() -> None:
     out = augment_batch(x, g.manual_seed(0))
     assert out.device == x.device and out.dtype == torch.float32
     assert torch.equal(out, augment_batch(x, g.manual_seed(0)))
+
+
+# --- an epoch's plan, applied a batch at a time (as the trainer does) -------------------------------
+
+class CountOps(TorchDispatchMode):
+    """Counts aten calls, and those that are not views (each about one kernel launch on the GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_plan_shape_and_dtype() -> None:
+    plan = plan_augmentation(10, gen(0))
+    assert plan.shape == (10, 2, 48) and plan.dtype == torch.float32
+
+
+def test_a_planned_batch_takes_a_few_operations() -> None:
+    # Sampling crops and flips per batch took 91 aten calls (74 kernels); from a plan it is a cast
+    # with the scale, a shift, the grid and grid_sample, and a few views.
+    x, plan = random_faces(256), plan_augmentation(256, gen(0))
+    batch, rows = x[:128], plan[:128]
+    with CountOps() as ops:
+        apply_plan(batch, rows)
+    assert ops.calls <= 12 and ops.kernels <= 5, (ops.calls, ops.kernels)
+
+
+def test_plan_applied_in_slices_equals_augment_batch() -> None:
+    # What the trainer does (one plan an epoch, a slice a batch) is what the statistics tests test.
+    x = random_faces(96)
+    plan = plan_augmentation(len(x), gen(5))
+    sliced = torch.cat([apply_plan(x[i:i + 32], plan[i:i + 32]) for i in range(0, len(x), 32)])
+    assert torch.equal(sliced, augment_batch(x, gen(5)))
+
+
+def test_plan_equals_crop_resize_flip_of_the_reflect_padded_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plan samples the unpadded image with the padding folded into the grid; crop_resize_flip,
+    # whose geometry equals torchvision's, samples the padded image. Random boxes and the extreme
+    # ones (each corner of the padded image, the whole of it), each with and without a flip.
+    n = 512
+    boxes = sample_crop_boxes(n, gen(4))
+    extremes = torch.tensor([[0.0, 0, 28, 28], [0, 28, 28, 28], [28, 0, 28, 28], [28, 28, 28, 28],
+                             [0, 0, 56, 56], [0, 22, 56, 34], [22, 0, 34, 56]])
+    boxes[:10 * len(extremes)] = extremes.repeat_interleave(10, dim=0)
+    monkeypatch.setattr(augment, "sample_crop_boxes", lambda *args, **kwargs: boxes)
+    flip = torch.rand(n, generator=gen(9)) < 0.5  # the plan's flips: the boxes are its only other draw
+    assert all(0 < f.sum() < 10 for f in flip[:10 * len(extremes)].view(len(extremes), 10))  # both, for each
+    x = random_faces(n)
+    out = apply_plan(x, plan_augmentation(n, gen(9)))
+    # Tolerance: float32 rounding in the two coordinate maps, far below one grey level (1/127.5).
+    torch.testing.assert_close(out, crop_resize_flip(padded(x), boxes, flip), rtol=0, atol=1e-4)

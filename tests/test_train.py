@@ -13,11 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fer_search.train as train_mod
+from fer_search.augment import normalize
 from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
+from fer_search.model import build_model
 from fer_search.space import BASELINE, TrialParams
 from fer_search.train import (
     DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, model_on_cpu, resolve_device,
@@ -144,6 +148,49 @@ def test_a_last_batch_of_one_image_is_skipped(data: FerData) -> None:
     # 33 images in batches of 32: BatchNorm cannot train on the single last image.
     result = train(subset(data, 33), NO_DROPOUT, epochs=1)
     assert math.isfinite(result.history[0].train_loss)
+
+
+class CountKernels(TorchDispatchMode):
+    """Counts the aten calls that are not views: each is about one kernel launch on the GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.kernels += func.namespace == "aten" and not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def kernels(run: Any) -> int:
+    with CountKernels() as counter:
+        run()
+    return counter.kernels
+
+
+def test_a_training_step_adds_few_kernels_to_the_models_own(data: FerData) -> None:
+    # Counted, not timed. The trainer's own share of a step (the batch's augmentation, the loss and
+    # accuracy totals) is the step less a bare forward, loss, backward and optimizer step of the same
+    # model: 6 kernels; sampling crops and flips per batch, and gathering each batch, made it 82.
+    torch.manual_seed(0)
+    model = build_model(NO_DROPOUT).to(memory_format=torch.channels_last)
+    optimizer = train_mod._make_optimizer(model, NO_DROPOUT, cuda=False)
+    x, y = data.train.x[:96], data.train.y[:96]
+    generator = torch.Generator().manual_seed(0)
+
+    def epoch(batches: int) -> None:
+        train_mod._train_one_epoch(model, optimizer, x[:32 * batches], y[:32 * batches], 32, generator, cuda=False)
+
+    def bare_step() -> None:
+        loss = F.cross_entropy(model(xb), y[:32])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    epoch(1)  # Adam's state exists from here on, so every step makes the same calls
+    step = (kernels(lambda: epoch(3)) - kernels(lambda: epoch(1))) // 2  # the per-epoch work cancels
+    xb = normalize(x[:32]).contiguous(memory_format=torch.channels_last)
+    assert step - kernels(bare_step) <= 8
 
 
 # --- reproducibility and learning ----------------------------------------------------------------
