@@ -189,14 +189,17 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 @click.option("--no-baseline", is_flag=True, default=None, help="do not retrain the baseline")
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default studies/<study>/final)")
+@click.option("--jobs", type=int, help="seed runs trained at once, in as many processes sharing the device")
 def finalize(study: str | None, storage: str | None, data: Path | None, config: Path | None, epochs: int | None,
-             seeds: int | None, no_baseline: bool | None, device: str | None, out: Path | None) -> None:
+             seeds: int | None, no_baseline: bool | None, device: str | None, out: Path | None,
+             jobs: int | None) -> None:
     """Retrain the best trial and the baseline, evaluate on the test set, write the reports."""
     from fer_search.finalize import finalize_study
 
     cfg = _config(config, **{"study.name": study, "study.storage": storage, "data.path": data,
                              "finalize.epochs": epochs, "finalize.seeds": seeds, "run.device": device,
-                             "finalize.out": out, "finalize.baseline": None if no_baseline is None else not no_baseline})
+                             "finalize.out": out, "finalize.baseline": None if no_baseline is None else not no_baseline,
+                             "finalize.jobs": jobs})
     summary = finalize_study(cfg, command_line(click.get_current_context()), _print_line)
     click.echo(summary)
 

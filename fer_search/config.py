@@ -108,6 +108,7 @@ class FinalizeConfig:
     baseline: bool = True
     epochs: int = 0  # 0 = the study's epochs
     out: Path | None = None  # None = <study dir>/<study>/final
+    jobs: int = 1  # seed runs trained at once, each in its own process sharing the device; 1 = in this process
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ AT_LEAST: dict[str, float] = {
     "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
     "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
     "pruner.reduction_factor": 2, "finalize.seeds": 1, "finalize.epochs": 0,
+    "finalize.jobs": 1,
 }
 
 

@@ -6,8 +6,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +21,36 @@ import torch
 
 from fer_search.config import Config
 from fer_search.data import CLASSES, FerData, load_configured
-from fer_search.errors import UserError
+from fer_search.errors import UserError, configure_logging, first_line
 from fer_search.metrics import classification_report
-from fer_search.predict import probabilities, save_model, write_atomic
+from fer_search.predict import compact_state, model_from_state, probabilities, save_model, write_atomic
 from fer_search.report import SeedRun, write_reports
-from fer_search.search import provenance
+from fer_search.search import provenance, stop_processes
 from fer_search.space import BASELINE, TrialParams, params_from_trial
 from fer_search.storage import load_existing_study
-from fer_search.train import TrainSettings, configure_cpu_threads, model_on_cpu, resolve_device, train_model
+from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
 REPORTED_BASELINE = 0.61356  # the documented project's figure, measured on a split that is not this test folder
 
+# The resume files' weights, part of their key: files from before model.pt stored float16 weights
+# hold float32 ones, whose test metrics are not those of the weights finalize would ship.
+STORED_WEIGHTS = "compact_state"
+
 Say = Callable[[str], None]
+RunAndState = tuple[SeedRun, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    """One retraining: a configuration ("best" or "baseline") at one seed."""
+
+    kind: str
+    params: TrialParams
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} seed {self.seed}"
 
 
 def finalize_study(config: Config, command: str, say: Say) -> str:
@@ -49,16 +71,15 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
     check_same_data(study, load_configured(config.data), config.data.path)
     data = load_configured(config.data, with_test=True)
-    configure_cpu_threads(1)
     epochs = config.finalize.epochs or int(study.user_attrs.get("epochs", config.run.epochs))
     seeds = [config.run.seed + i for i in range(config.finalize.seeds)]
     best_params = params_from_trial(best.user_attrs)
-
-    def runs_of(kind: str, params: TrialParams) -> list[tuple[SeedRun, dict[str, torch.Tensor]]]:
-        return [seed_run(kind, params, seed, epochs, data, device, runs_dir, say) for seed in seeds]
-
-    best_runs = runs_of("best", best_params)
-    baseline_runs = runs_of("baseline", BASELINE) if config.finalize.baseline else []
+    if best_params == BASELINE and config.finalize.baseline:
+        say("the best trial is the baseline: each seed is trained once and reported for both")
+    jobs = seed_jobs(best_params, seeds, config.finalize.baseline)
+    runs = dict(zip(jobs, retrain(jobs, config, data, epochs, device, runs_dir, say)))
+    best_runs = [runs[SeedJob("best", best_params, seed)] for seed in seeds]
+    baseline_runs = baseline_runs_of(runs, best_params, seeds) if config.finalize.baseline else []
     shipped, shipped_state = max(best_runs, key=lambda rs: (rs[0].val_acc, -rs[0].seed))
     meta = {"study": study.study_name, "trial": best.number, "seed": shipped.seed, "best_epoch": shipped.best_epoch,
             "fingerprints": data.fingerprints}
@@ -117,42 +138,89 @@ def check_same_data(study: optuna.Study, data: FerData, path: Path) -> None:
                         f"({', '.join(changed)} split fingerprint); pass the study's data with --data")
 
 
-def seed_run(kind: str, params: TrialParams, seed: int, epochs: int, data: FerData, device: torch.device,
-             runs_dir: Path, say: Say) -> tuple[SeedRun, dict[str, torch.Tensor]]:
-    """Train one seed and evaluate it, or reuse the finished run from an interrupted finalize."""
-    key = {"params": params.to_dict(), "epochs": epochs, "fingerprints": data.fingerprints}
+def seed_jobs(best: TrialParams, seeds: list[int], baseline: bool) -> list[SeedJob]:
+    """The retrainings: the best trial's seeds, then the baseline's, unless the best trial is the baseline
+    (trial 0 won), whose seeds then serve both."""
+    jobs = [SeedJob("best", best, seed) for seed in seeds]
+    if baseline and best != BASELINE:
+        jobs += [SeedJob("baseline", BASELINE, seed) for seed in seeds]
+    return jobs
+
+
+def baseline_runs_of(runs: dict[SeedJob, RunAndState], best: TrialParams, seeds: list[int]) -> list[RunAndState]:
+    """The baseline's runs: its own, or the best trial's relabelled where the best trial is the baseline."""
+    if best != BASELINE:
+        return [runs[SeedJob("baseline", BASELINE, seed)] for seed in seeds]
+    copies = (runs[SeedJob("best", best, seed)] for seed in seeds)
+    return [(dataclasses.replace(run, kind="baseline"), state) for run, state in copies]
+
+
+def retrain(jobs: list[SeedJob], config: Config, data: FerData, epochs: int, device: torch.device, runs_dir: Path,
+            say: Say) -> list[RunAndState]:
+    """Each job's run and weights, in order: reused from an interrupted finalize, else trained and evaluated,
+    here (finalize.jobs = 1) or in finalize.jobs processes at once."""
+    found: dict[SeedJob, RunAndState] = {}
+    for job in jobs:
+        path, key = run_file(runs_dir, job, epochs, data.fingerprints)
+        cached = _load_run(path, key)
+        if cached is not None:
+            say(f"{job.label}: reusing the finished run in {path}")
+            found[job] = cached
+    todo = [job for job in jobs if job not in found]
+    if config.finalize.jobs == 1:
+        configure_cpu_threads(1)
+        for job in todo:
+            found[job] = seed_run(job, epochs, data, device, runs_dir, say)
+    elif todo:
+        train_in_processes(todo, config, epochs, runs_dir, say)
+        for job in todo:  # each process left its run in its resume file
+            path, key = run_file(runs_dir, job, epochs, data.fingerprints)
+            cached = _load_run(path, key)
+            if cached is None:
+                raise RuntimeError(f"{job.label}: its process ended without writing {path}")
+            found[job] = cached
+    return [found[job] for job in jobs]
+
+
+def run_file(runs_dir: Path, job: SeedJob, epochs: int, fingerprints: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    """Where a job's finished run is kept, and the key that file must hold to be reused."""
+    key = {"params": job.params.to_dict(), "epochs": epochs, "fingerprints": fingerprints, "weights": STORED_WEIGHTS}
     # Named by its key too: the folder is the study's, shared by finalizes with other --epochs or --out.
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = runs_dir / f"{kind}-seed{seed}-{digest}.pt"
-    cached = _load_run(path, key)
-    if cached is not None:
-        say(f"{kind} seed {seed}: reusing the finished run in {path}")
-        return cached
+    return runs_dir / f"{job.kind}-seed{job.seed}-{digest}.pt", key
 
+
+def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, runs_dir: Path, say: Say) -> RunAndState:
+    """Train one seed, evaluate on the test splits the weights model.pt would store, keep both in the resume file."""
     def on_epoch(record: Any, _checkpoint: Any) -> None:
-        say(f"{kind} seed {seed}: epoch {record.epoch}/{epochs} val_acc {record.val_acc:.4f}")
+        say(f"{job.label}: epoch {record.epoch}/{epochs} val_acc {record.val_acc:.4f}")
 
-    result = train_model(params, data, TrainSettings(epochs=epochs, seed=seed, device=device), on_epoch=on_epoch)
-    model = model_on_cpu(result.model, result.best_state)
+    result = train_model(job.params, data, TrainSettings(epochs=epochs, seed=job.seed, device=device),
+                         on_epoch=on_epoch)
+    # Rounded before evaluating, and evaluated as predict evaluates (float32 on the CPU), so that
+    # the metrics are exactly those of the shipped file.
+    state = compact_state(result.best_state)
+    model = model_from_state(job.params, state, len(CLASSES))
     private_probs = probabilities(model, data.test.x)
-    all_x, all_y = data.test.x, data.test.y
-    if data.val_is_public_test:
-        all_x, all_y = torch.cat([data.val.x, data.test.x]), torch.cat([data.val.y, data.test.y])
-    all_pred = probabilities(model, all_x).argmax(1)
+    all_pred, all_y = private_probs.argmax(1), data.test.y
+    if data.val_is_public_test:  # Public + Private: PrivateTest's predictions are at hand (the CPU pass is slow)
+        all_pred = torch.cat([probabilities(model, data.val.x).argmax(1), all_pred])
+        all_y = torch.cat([data.val.y, data.test.y])
     run = SeedRun(
-        kind=kind, seed=seed, best_epoch=result.best_epoch, val_acc=result.best_val_acc,
+        kind=job.kind, seed=job.seed, best_epoch=result.best_epoch, val_acc=result.best_val_acc,
         history=[dataclasses.asdict(r) for r in result.history],
         private_test=classification_report(data.test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
         test_all=classification_report(all_y.numpy(), all_pred.numpy(), CLASSES),
         test_pred=private_probs.argmax(1).tolist(), test_conf=private_probs.max(1).values.tolist(),
     )
+    path, key = run_file(runs_dir, job, epochs, data.fingerprints)
     buffer = io.BytesIO()
-    torch.save({"key": key, "run": json.dumps(dataclasses.asdict(run)), "state": result.best_state}, buffer)
+    torch.save({"key": key, "run": json.dumps(dataclasses.asdict(run)), "state": state}, buffer)
     write_atomic(path, buffer.getvalue())
-    return run, result.best_state
+    return run, state
 
 
-def _load_run(path: Path, key: dict[str, Any]) -> tuple[SeedRun, dict[str, torch.Tensor]] | None:
+def _load_run(path: Path, key: dict[str, Any]) -> RunAndState | None:
     if not path.is_file():
         return None
     try:
@@ -162,6 +230,89 @@ def _load_run(path: Path, key: dict[str, Any]) -> tuple[SeedRun, dict[str, torch
     if doc.get("key") != key:
         return None
     return SeedRun(**json.loads(doc["run"])), doc["state"]
+
+
+# --- finalize.jobs > 1: seed runs in processes of their own ---------------------------------
+
+INTERRUPTED = 130  # a seed process's exit code after Ctrl-C, as the CLI's
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A seed process's error, sent to the parent, which tells it once."""
+
+    label: str
+    message: str
+
+
+def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_dir: Path, say: Say) -> None:
+    """Train `jobs` in config.finalize.jobs processes at once, sharing the device; each writes its resume file.
+
+    Their progress lines come to `say`. A user error in one becomes a UserError here, a crash a
+    RuntimeError, after the others are stopped; Ctrl-C stops them all, and finished seeds stay in
+    their resume files.
+    """
+    ctx = multiprocessing.get_context("spawn")  # processes, not threads: the GIL; spawn: CUDA-safe
+    queue = ctx.SimpleQueue()
+    waiting = list(jobs)
+    running: dict[SeedJob, Any] = {}
+    failures: dict[str, str] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < config.finalize.jobs:
+                job = waiting.pop(0)
+                running[job] = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue))
+                running[job].start()
+            ended = [job for job, p in running.items() if not p.is_alive()]
+            _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
+            for job in ended:
+                code = running.pop(job).exitcode
+                if code == INTERRUPTED:
+                    raise KeyboardInterrupt
+                if code == 2:
+                    raise UserError(f"{job.label}: {failures.get(job.label, 'failed')}")
+                if code != 0:
+                    reason = failures.get(job.label, f"its process ended with exit code {code}")
+                    raise RuntimeError(f"{job.label}: {reason} (its traceback is above)")
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        # From a terminal every process got the Ctrl-C; give them a moment to end before telling those that did not.
+        _stop(list(running.values()), queue, say, grace_s=2.0)
+        raise
+    except BaseException:
+        _stop(list(running.values()), queue, say, grace_s=0.0)
+        raise
+
+
+def _drain(queue: Any, say: Say, failures: dict[str, str]) -> None:
+    while not queue.empty():
+        message = queue.get()
+        if isinstance(message, _Failed):
+            failures[message.label] = message.message
+        else:
+            say(message)
+
+
+def _stop(procs: list[Any], queue: Any, say: Say, grace_s: float) -> None:
+    """Ctrl-C to the processes still running after `grace_s` seconds (their last lines still told), then wait."""
+    stop_processes(procs, lambda: _drain(queue, say, {}), grace_s)
+
+
+def _seed_process(config: Config, job: SeedJob, epochs: int, runs_dir: Path, queue: Any) -> None:
+    """Entry point of one seed run's process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+    configure_logging()
+    try:
+        configure_cpu_threads(config.finalize.jobs)  # the cores are shared among the processes
+        data = load_configured(config.data, with_test=True)  # from the cache the parent has warmed
+        seed_run(job, epochs, data, resolve_device(config.run.device), runs_dir, queue.put)
+    except UserError as e:
+        queue.put(_Failed(job.label, str(e)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)
+    except Exception as e:
+        queue.put(_Failed(job.label, f"{type(e).__name__}: {first_line(e)}"))
+        raise  # its traceback on stderr, exit 1
 
 
 def aggregate(runs: list[SeedRun]) -> dict[str, Any]:

@@ -575,17 +575,30 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
 
 def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
     """Ctrl-C to the local workers still running after `grace_s` seconds, then wait for all to end."""
+    def discard() -> None:
+        while not queue.empty():
+            queue.get()
+
+    stop_processes(procs, discard, grace_s)
+
+
+def stop_processes(procs: list[Any], drain: Callable[[], None], grace_s: float) -> None:
+    """SIGINT (a Ctrl-C) to the processes still running after `grace_s` seconds, then wait for all to end.
+
+    `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end.
+    """
     deadline = time.monotonic() + grace_s
     signalled = False
     while any(p.is_alive() for p in procs):
-        while not queue.empty():  # a worker blocked on a full pipe would never end
-            queue.get()
+        drain()
         if not signalled and time.monotonic() >= deadline:
             for p in procs:
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGINT)
             signalled = True
-        time.sleep(0.1)
+        time.sleep(0.05)
+    for p in procs:
+        p.join()
 
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -228,10 +227,3 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, autocast: bo
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return loss, acc
-
-
-def model_on_cpu(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A float32 CPU copy of `model` holding `state` (how test metrics and predict evaluate)."""
-    cpu = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float()
-    cpu.load_state_dict(state)
-    return cpu.eval()

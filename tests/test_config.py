@@ -88,6 +88,7 @@ def test_space_forms(tmp_path: Path) -> None:
     ("[run]\nheartbeat_interval = 60\ngrace_period = 30\n", "run.grace_period",
      "= 30: must exceed run.heartbeat_interval = 60"),
     ("[finalize]\nseeds = 0\n", "finalize.seeds", "= 0"),
+    ("[finalize]\njobs = 0\n", "finalize.jobs", "= 0: must be >= 1"),
     ("[data]\nval_fraction = 1.5\n", "data.val_fraction", "= 1.5"),
     ("[study]\nname = \"a/b\"\n", "study.name", "= 'a/b'"),
     ("not toml [", "not valid TOML", "line 1"),

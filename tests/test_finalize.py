@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner, Result
 
 from fer_search.cli import main
+from fer_search.config import load_config
 from fer_search.data import CLASSES
+from fer_search.errors import UserError
+from fer_search.finalize import SeedJob, train_in_processes
+from fer_search.predict import load_model, predict_images
+from fer_search.space import BASELINE
+
+REPO = Path(__file__).resolve().parents[1]
 
 FILES = ("model.pt", "metrics.json", "epoch_accs.json", "recalls_precisions.txt", "confusion.png",
          "performance.png", "misclassified.png", "search_history.png", "param_importances.png", "report.html")
@@ -33,6 +46,32 @@ def resume_dir(folder: Path) -> Path:
 
 def finalize(folder: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["finalize", "--config", str(folder / "search.toml"), *args])
+
+
+def searched(folder: Path, tiny_fer: Path, toml: str = "") -> Path:
+    """`folder` with a search.toml (the tiny data, then `toml`) and its study: one trial of one epoch.
+
+    With the default space that trial is trial 0, the baseline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "search.toml").write_text(f'[data]\npath = "{tiny_fer}"\n{toml}')
+    result = CliRunner().invoke(main, ["run", "--trials", "1", "--epochs", "1", "--config", str(folder / "search.toml"),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def best_is_baseline(folder: Path) -> bool:
+    """Whether trial 0 won the study (the samplers are seeded with the host name): its seeds then train once."""
+    return metrics_of(final_dir(folder))["best_trial"]["params"] == BASELINE.to_dict()
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def trained(result: Result) -> list[str]:
+    """The seed runs a finalize trained, one entry per epoch line."""
+    return [line.split(": epoch")[0] for line in result.stderr.splitlines() if ": epoch " in line]
 
 
 def one_line_error(result: Result) -> str:
@@ -111,11 +150,12 @@ def test_the_finalize_command_hides_a_storage_password(finalized: Path, monkeypa
 
 def test_rerun_reuses_finished_seeds(finalized: Path) -> None:
     kinds_and_seeds = {r.name.rsplit("-", 1)[0] for r in resume_dir(finalized).glob("*.pt")}
-    assert {"baseline-seed0", "baseline-seed1", "best-seed0", "best-seed1"} <= kinds_and_seeds
+    kinds = ("best",) if best_is_baseline(finalized) else ("best", "baseline")
+    assert {f"{kind}-seed{seed}" for kind in kinds for seed in (0, 1)} <= kinds_and_seeds
     before = (final_dir(finalized) / "metrics.json").read_text()
     result = finalize(finalized, "--seeds", "2")
     assert result.exit_code == 0
-    assert result.stderr.count("reusing the finished run") == 4
+    assert result.stderr.count("reusing the finished run") == 2 * len(kinds)
     after = json.loads((final_dir(finalized) / "metrics.json").read_text())
     assert after["best"] == json.loads(before)["best"]
 
@@ -126,7 +166,7 @@ def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path,
     (final_dir(folder) / "metrics.json").unlink()
     result = finalize(folder, "--seeds", "2")
     assert result.exit_code == 0, result.output
-    assert result.stderr.count("reusing the finished run") == 3
+    assert result.stderr.count("reusing the finished run") == (1 if best_is_baseline(folder) else 3)
     trained = {line.split(": epoch")[0] for line in result.stderr.splitlines() if ": epoch " in line}
     assert trained == {"best seed 1"}
     m = json.loads((final_dir(folder) / "metrics.json").read_text())
@@ -173,3 +213,137 @@ def test_a_missing_data_path_names_the_one_the_study_was_searched_on(finalized: 
     """`run --data X` then a bare `finalize`: the study remembers X, and the error says to pass it."""
     error = one_line_error(finalize(finalized, "--data", str(tmp_path / "moved")))
     assert str(tmp_path / "moved") in error and f"--data {tiny_fer}" in error
+
+
+def test_resume_files_hold_the_weights_model_pt_ships(finalized: Path) -> None:
+    m = metrics_of(final_dir(finalized))
+    docs = [torch.load(p, weights_only=True) for p in resume_dir(finalized).glob(f"best-seed{m['shipped_seed']}-*.pt")]
+    [resumed] = [d["state"] for d in docs if d["key"]["epochs"] == m["epochs"]]
+    shipped = torch.load(final_dir(finalized) / "model.pt", weights_only=True)["state_dict"]
+    assert list(resumed) == list(shipped)
+    assert all(resumed[k].dtype == shipped[k].dtype and torch.equal(resumed[k], shipped[k]) for k in shipped)
+
+
+def test_the_largest_architecture_ships_in_16_mib_and_predict_scores_its_metrics(tmp_path: Path) -> None:
+    from conftest import write_tiny_fer
+
+    faces = write_tiny_fer(tmp_path / "faces", per_class=(4, 1, 4))  # few training images: the model is large
+    folder = searched(tmp_path / "study", faces, "[space]\nwidth = 2.0\nconvs_per_block = 2\nlinear_depth = 3\n")
+    result = finalize(folder, "--seeds", "1", "--no-baseline", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    model = final_dir(folder) / "model.pt"
+    assert model.stat().st_size <= 16 * 2**20
+    loaded = load_model(model)
+    assert (loaded.params.width, loaded.params.convs_per_block, loaded.params.linear_depth) == (2.0, 2, 3)
+    images = sorted(faces.glob("test/*/PrivateTest_*.jpg"))
+    truth = [CLASSES.index(p.parent.name) for p in images]
+    predicted = [CLASSES.index(p.label) for p in predict_images(loaded, images)]
+    m = metrics_of(final_dir(folder))
+    shipped = m["best"]["per_seed"][str(m["shipped_seed"])]["private_test"]
+    assert sum(t == q for t, q in zip(truth, predicted)) / len(images) == shipped["accuracy"]
+    confusion = np.zeros((7, 7), dtype=int)
+    np.add.at(confusion, (truth, predicted), 1)
+    assert confusion.tolist() == shipped["confusion"]  # not only as many right: the same answers
+
+
+@contextmanager
+def one_core() -> Iterator[None]:
+    """CPU training is deterministic per seed at a given thread count: give every process the same one."""
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, {min(cores)})  # inherited by the processes it starts
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_jobs_2_gives_the_seeds_jobs_1_gives(finalized: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(finalized, tmp_path / "study"))
+    results = {}
+    with one_core():
+        for jobs in ("1", "2"):
+            shutil.rmtree(resume_dir(folder))
+            results[jobs] = finalize(folder, "--seeds", "2", "--epochs", "1", "--device", "cpu", "--jobs", jobs,
+                                     "--out", str(tmp_path / jobs))
+            assert results[jobs].exit_code == 0, results[jobs].output
+    one, two = metrics_of(tmp_path / "1"), metrics_of(tmp_path / "2")
+    assert one["best"]["per_seed"] == two["best"]["per_seed"]  # val_acc, best epoch, every test figure
+    assert one["baseline"]["per_seed"] == two["baseline"]["per_seed"]
+    assert sorted(trained(results["1"])) == sorted(trained(results["2"]))  # every epoch line came through
+    assert len(trained(results["2"])) == len(list(resume_dir(folder).glob("*.pt")))  # one epoch each
+
+
+def test_when_the_best_trial_is_the_baseline_each_seed_trains_once(tmp_path: Path, tiny_fer: Path) -> None:
+    folder = searched(tmp_path, tiny_fer)
+    result = finalize(folder, "--seeds", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert trained(result) == ["best seed 0", "best seed 1"]  # one epoch each
+    assert sorted(p.name.rsplit("-", 1)[0] for p in resume_dir(folder).glob("*.pt")) == ["best-seed0", "best-seed1"]
+    m = metrics_of(final_dir(folder))
+    assert m["best_trial"]["number"] == 0 and m["best_trial"]["params"] == BASELINE.to_dict()
+    assert m["baseline"] == m["best"] and set(m["best"]["per_seed"]) == {"0", "1"}
+
+
+def test_jobs_0_exits_2_naming_the_key(finalized: Path) -> None:
+    assert "finalize.jobs = 0" in one_line_error(finalize(finalized, "--jobs", "0"))
+
+
+def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: Path, tiny_fer: Path) -> None:
+    (tmp_path / "search.toml").write_text(f'[data]\npath = "{tmp_path / "gone"}"\n[finalize]\njobs = 2\n')
+    config = load_config(tmp_path / "search.toml", {"run.device": "cpu"})
+    with pytest.raises(UserError, match=f"^best seed 0: .*{tmp_path / 'gone'}"):  # the child's UserError
+        train_in_processes([SeedJob("best", BASELINE, 0)], config, 1, tmp_path / "runs", print)
+    config = load_config(tmp_path / "search.toml", {"run.device": "cpu", "data.path": tiny_fer})
+    broken = dataclasses.replace(BASELINE, dropout_pattern="sometimes")
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
+        train_in_processes([SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500,
+                           tmp_path / "runs", lines.append)
+    assert not any("epoch 500/500" in line for line in lines)  # seed 1 was stopped, not waited for
+    assert not list((tmp_path / "runs").glob("*.pt"))
+
+
+def _live_in_session(session: int) -> list[int]:
+    """Processes of a session that have not ended (zombies count as ended)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_ctrl_c_stops_every_seed_process_and_keeps_finished_seeds(tmp_path: Path, tiny_fer: Path) -> None:
+    folder = searched(tmp_path / "study", tiny_fer)
+    log = tmp_path / "finalize.log"
+    command = [sys.executable, "-m", "fer_search", "finalize", "--config", str(folder / "search.toml"),
+               "--device", "cpu", "--seeds", "3", "--epochs", "2", "--jobs", "2"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 180
+        while not list(resume_dir(folder).glob("*.pt")):  # a seed has finished
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)  # to the parent alone: it must stop the seed processes itself
+        assert proc.wait(timeout=60) == 130, log.read_text()
+        deadline = time.monotonic() + 30
+        while _live_in_session(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_in_session(proc.pid) == [], log.read_text()
+    finally:
+        if _live_in_session(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = len(list(resume_dir(folder).glob("*.pt")))
+    assert 1 <= kept < 3, log.read_text()  # the third seed's process was still starting
+    result = finalize(folder, "--device", "cpu", "--seeds", "3", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("reusing the finished run") == kept
+    assert len(trained(result)) == 2 * (3 - kept)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import pickle
 from pathlib import Path
@@ -16,8 +18,12 @@ import fer_search
 from fer_search.cli import main
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
-from fer_search.predict import load_model, predict_images
+from fer_search.config import SpaceConfig
+from fer_search.model import build_model
+from fer_search.predict import compact_state, load_model, predict_images, save_model
 from fer_search.space import BASELINE
+
+LIMIT = 16 * 2**20  # bytes: the most a model.pt may take, whatever the architecture
 
 
 def model_path(finalized: Path) -> Path:
@@ -107,3 +113,50 @@ def test_a_missing_model_file_says_finalize_writes_one(tmp_path: Path, tiny_fer:
     image = next(tiny_fer.glob("test/*/*.jpg"))
     result = CliRunner().invoke(main, ["predict", "--model", str(tmp_path / "nope.pt"), str(image)])
     assert result.exit_code == 2 and "nope.pt" in result.output and "fer-search finalize" in result.output
+
+
+def test_every_architecture_of_the_space_fits_in_16_mib(tmp_path: Path) -> None:
+    space = SpaceConfig()
+    sizes = {}
+    for pattern, width, convs, depth in itertools.product(space.dropout_pattern, space.width, space.convs_per_block,
+                                                          space.linear_depth):
+        params = dataclasses.replace(BASELINE, dropout_pattern=pattern, width=width, convs_per_block=convs,
+                                     linear_depth=depth)
+        path = tmp_path / "model.pt"
+        save_model(path, build_model(params).state_dict(), params, CLASSES, {})
+        sizes[pattern, width, convs, depth] = path.stat().st_size
+    assert len(sizes) == 120
+    assert max(sizes.values()) <= LIMIT, max(sizes.items(), key=lambda kv: kv[1])
+    assert sizes["interlaced", 2.0, 2, 3] > 8 * 2**20  # the largest (5.9 M parameters) is stored, not lost
+
+
+def test_weights_are_float16_and_statistics_float32(finalized: Path) -> None:
+    state = torch.load(model_path(finalized), weights_only=True)["state_dict"]
+    weights = {k for k, v in state.items() if v.dim() >= 2}  # conv (4-D) and linear (2-D)
+    assert {"block1.0.weight", "block4.0.weight"} <= weights and any(v.dim() == 2 for v in state.values())
+    assert all(state[k].dtype == torch.float16 for k in weights)
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k not in weights and v.is_floating_point())
+    assert state["block1.0.bias"].dtype == state["block1.1.running_var"].dtype == torch.float32
+
+
+def test_compact_state_keeps_float32_where_float16_would_overflow() -> None:
+    state = {"big.weight": torch.tensor([[1.0, 1e6]]), "small.weight": torch.tensor([[1.0, 1e-3]]),
+             "inf.weight": torch.tensor([[1.0, float("inf")]]), "bias": torch.tensor([0.1])}
+    compact = compact_state(state)
+    assert compact["big.weight"].dtype == torch.float32 and torch.equal(compact["big.weight"], state["big.weight"])
+    assert compact["small.weight"].dtype == compact["inf.weight"].dtype == torch.float16
+    assert compact["bias"].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(compact_state(compact).values(), compact.values()))  # idempotent
+
+
+def test_a_float32_model_file_still_loads_and_predicts_as_its_weights(tmp_path: Path, tiny_fer: Path) -> None:
+    """model.pt files written before weights were stored in float16 hold float32 ones."""
+    torch.manual_seed(0)
+    model = build_model(BASELINE).eval()
+    doc = {"format": "fer-search-model/1", "state_dict": model.state_dict(), "params": BASELINE.to_dict(),
+           "classes": list(CLASSES), "normalization": {"mean": 0.5, "std": 0.5}, "meta": {}}
+    torch.save(doc, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    images = sorted(tiny_fer.glob("test/*/*.jpg"))[:4]
+    assert [p.label in CLASSES for p in predict_images(loaded, images)] == [True] * 4

@@ -22,9 +22,10 @@ from fer_search.augment import normalize
 from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
 from fer_search.model import build_model
+from fer_search.predict import model_from_state
 from fer_search.space import BASELINE, TrialParams
 from fer_search.train import (
-    DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, model_on_cpu, resolve_device,
+    DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, resolve_device,
     train_model,
 )
 
@@ -133,7 +134,7 @@ def test_best_state_holds_the_best_epochs_weights(data: FerData, two_epochs: Tra
     state = two_epochs.best_state
     assert state.keys() == two_epochs.model.state_dict().keys()
     assert all(t.device == CPU for t in state.values())
-    loss, acc = evaluate(model_on_cpu(two_epochs.model, state), data.val.x, data.val.y)
+    loss, acc = evaluate(model_from_state(SMALL, state, 7), data.val.x, data.val.y)
     best = two_epochs.history[two_epochs.best_epoch - 1]
     assert acc == pytest.approx(best.val_acc) and loss == pytest.approx(best.val_loss, rel=1e-5)
 
@@ -387,13 +388,13 @@ def test_evaluate_matches_the_logits(data: FerData, two_epochs: TrainResult) -> 
     assert acc == pytest.approx(two_epochs.history[-1].val_acc)
 
 
-def test_model_on_cpu_gives_the_models_logits(data: FerData, two_epochs: TrainResult) -> None:
+def test_a_cpu_model_from_the_best_state_gives_the_models_logits(data: FerData, two_epochs: TrainResult) -> None:
     model = two_epochs.model
     before = copy.deepcopy(model.state_dict())
-    cpu = model_on_cpu(model, model.state_dict())
+    cpu = model_from_state(SMALL, model.state_dict(), 7)  # how finalize and predict rebuild it
     assert cpu is not model and not cpu.training
     # The copy is in the standard layout, the trained model in channels_last: same maths, other
     # summation order.
     assert torch.allclose(logits_for(cpu, data.val.x), logits_for(model, data.val.x), atol=1e-5)
-    model_on_cpu(model, {k: torch.zeros_like(v) for k, v in before.items()})
-    assert same_tensors(model.state_dict(), before)  # the original keeps its weights
+    model_from_state(SMALL, {k: torch.zeros_like(v) for k, v in before.items()}, 7)
+    assert same_tensors(model.state_dict(), before)  # the trained model keeps its weights
