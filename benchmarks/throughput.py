@@ -53,18 +53,35 @@ class Rates:
 
 def main() -> None:
     args = _parse_args()
-    device = torch.device(args.device)
     configure_cpu_threads(1)  # torch threads = cores, for all three pipelines
+    try:
+        figures = throughput(args.data, torch.device(args.device), args.images, args.repeats, args.cache_dir)
+    except ValueError as error:
+        raise SystemExit(f"--images: {error}") from None
+    for key, value in figures.items():
+        print(f"{key}={value}")
+
+
+def throughput(data_path: Path, device: torch.device, images: int | None = None, repeats: int = 3,
+               cache_dir: Path | None = None) -> dict[str, Any]:
+    """The run's figures, by name: the header, each pipeline's median images/s and its rounds, the ratios.
+
+    `images` defaults to CPU_IMAGES on a CPU (fewer where the training set is smaller) and the whole
+    training set on CUDA; `data_path` must be the image-folder layout, which the reference reads.
+    """
     with tempfile.TemporaryDirectory(prefix="fer-bench-") as temp:
-        data = load_data(args.data, args.cache_dir or Path(temp))
-    images = args.images if args.images is not None else CPU_IMAGES if device.type == "cpu" else len(data.train.y)
-    if not 2 * BATCH <= images <= len(data.train.y):
-        raise SystemExit(f"--images must be between {2 * BATCH} and {len(data.train.y)}")
-    _print_header(device, images, args.repeats)
-    indices = torch.randperm(len(data.train.y), generator=torch.Generator().manual_seed(SEED))[:images]
-    _print_rates(measure(_subset(data, indices), _reference_loader(args.data, indices, device), device, args.repeats))
+        data = load_data(data_path, cache_dir or Path(temp))
+    available = len(data.train.y)
+    if images is None:
+        images = min(CPU_IMAGES, available) if device.type == "cpu" else available
+    if not 2 <= images <= available:
+        raise ValueError(f"images must be between 2 and {available}, not {images}")
+    indices = torch.randperm(available, generator=torch.Generator().manual_seed(SEED))[:images]
+    rates = measure(subset(data, indices), _reference_loader(data_path, indices, device), device, repeats)
+    figures = {**_header(device, images, repeats), **_rate_figures(rates)}
     if device.type == "cuda":
-        print(f"epoch_seconds={full_epoch_seconds(data, device):.2f}")
+        figures["epoch_seconds"] = round(full_epoch_seconds(data, device), 2)
+    return figures
 
 
 def _parse_args() -> argparse.Namespace:
@@ -97,7 +114,7 @@ def measure(data: FerData, loader: DataLoader, device: torch.device, repeats: in
     bound_learner = make_learner(device, trainer_numerics=True)
     x = torch.randn(BATCH, 1, SIZE, SIZE, device=device)
     y = torch.randint(0, 7, (BATCH,), device=device)
-    steps = len(data.train.y) // BATCH
+    steps = max(1, len(data.train.y) // BATCH)  # one step at least, on a training set smaller than a batch
 
     def after_epoch(record: EpochRecord, _checkpoint: Callable[[], dict[str, Any]]) -> None:
         if record.epoch % 2:
@@ -149,7 +166,7 @@ def reference_pass(loader: DataLoader, learner: Learner, device: torch.device) -
     for x, y in loader:
         train_step(learner, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         seen += len(y)
-    _synchronize(device)
+    synchronize(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -159,7 +176,7 @@ def bound_pass(learner: Learner, x: torch.Tensor, y: torch.Tensor, steps: int) -
     start = time.perf_counter()
     for _ in range(steps):
         train_step(learner, x, y)
-    _synchronize(x.device)
+    synchronize(x.device)
     return steps * len(x) / (time.perf_counter() - start)
 
 
@@ -169,7 +186,7 @@ def full_epoch_seconds(data: FerData, device: torch.device) -> float:
     return result.history[-1].seconds
 
 
-def _subset(data: FerData, indices: torch.Tensor) -> FerData:
+def subset(data: FerData, indices: torch.Tensor) -> FerData:
     """The training images at `indices` and the first VAL_IMAGES validation images."""
     train = dataclasses.replace(data.train, x=data.train.x[indices], y=data.train.y[indices],
                                 names=tuple(data.train.names[i] for i in indices.tolist()))
@@ -197,12 +214,12 @@ def _reference_loader(root: Path, indices: torch.Tensor, device: torch.device) -
                       pin_memory=device.type == "cuda")
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The first 'model name' of /proc/cpuinfo."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -211,26 +228,29 @@ def _cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
-def _print_header(device: torch.device, images: int, repeats: int) -> None:
-    print(f"date={datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"device={torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    print(f"torch={torch.__version__}")
-    print(f"threads={torch.get_num_threads()}")
-    print(f"dataloader_workers={os.cpu_count() or 1}")
-    print(f"cpu_model={_cpu_model()}")
-    print(f"images_per_pass={images}")
-    print(f"repeats={repeats}")
+def _header(device: torch.device, images: int, repeats: int) -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dataloader_workers": os.cpu_count() or 1,
+        "cpu_model": cpu_model(),
+        "images_per_pass": images,
+        "repeats": repeats,
+    }
 
 
-def _print_rates(rates: Rates) -> None:
-    """Medians of each pipeline's rounds, then the medians of the per-round ratios."""
+def _rate_figures(rates: Rates) -> dict[str, Any]:
+    """Medians of each pipeline's rounds (and the rounds), then the medians of the per-round ratios."""
+    figures: dict[str, Any] = {}
     for name, values in dataclasses.asdict(rates).items():
-        runs = ",".join(f"{v:.1f}" for v in values)
-        print(f"{name}_images_per_s={statistics.median(values):.1f} (rounds: {runs})")
-    ratios = [t / r for t, r in zip(rates.trainer, rates.reference)]
-    fractions = [t / b for t, b in zip(rates.trainer, rates.compute_bound)]
-    print(f"ratio_vs_reference={statistics.median(ratios):.2f}")
-    print(f"fraction_of_compute_bound={statistics.median(fractions):.2f}")
+        figures[f"{name}_images_per_s"] = round(statistics.median(values), 1)
+        figures[f"{name}_rounds"] = ",".join(f"{v:.1f}" for v in values)
+    figures["ratio_vs_reference"] = round(statistics.median(t / r for t, r in zip(rates.trainer, rates.reference)), 2)
+    figures["fraction_of_compute_bound"] = round(
+        statistics.median(t / b for t, b in zip(rates.trainer, rates.compute_bound)), 2)
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""benchmarks/full_study.py rehearsed on the CPU: what comes back, summary.json, the shipped model, resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from fer_search.cli import main
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "full_study.py"
+SHIPPED = {"summary.json", "full_study.log", "fer2013.db", "model.pt", "metrics.json", "report.html", "reports.zip"}
+PHASES = ("env", "speed", "study", "finalize")
+
+
+def full_study(data: Path, out: Path, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The issue's rehearsal command (with the working files kept in the test's folder)."""
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--data", str(data), "--out", str(out),
+               "--work", str(work), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+REHEARSAL = ("--budget-s", "500", "--trials", "2", "--epochs", "1", "--seeds", "1", "--workers", "1")
+
+
+@pytest.fixture(scope="module")
+def rehearsed(tiny_fer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DIR of one rehearsal on the tiny data set; do not modify it."""
+    folder = tmp_path_factory.mktemp("full_study")
+    result = full_study(tiny_fer, folder / "out", folder / "work", *REHEARSAL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder / "out"
+
+
+def summary_of(out: Path) -> dict[str, Any]:
+    return json.loads((out / "summary.json").read_text())
+
+
+def assert_within_contract(out: Path) -> None:
+    entries = list(out.iterdir())
+    assert len(entries) <= 8, entries
+    assert all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in entries), entries
+    assert not [p for p in entries if p.name.endswith(("-wal", "-shm", "-journal", ".part"))]
+
+
+def test_rehearsal_returns_the_shipped_files_within_the_contract(rehearsed: Path) -> None:
+    assert {p.name for p in rehearsed.iterdir()} == SHIPPED
+    assert_within_contract(rehearsed)
+    with sqlite3.connect(rehearsed / "fer2013.db") as db:  # one whole file: nothing waits in a -wal
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_summary_holds_every_phase_and_its_figures(rehearsed: Path) -> None:
+    summary = summary_of(rehearsed)
+    phases = summary["phases"]
+    assert [phases[name]["status"] for name in PHASES] == ["done"] * 4
+    env = phases["env"]
+    assert env["environment"]["torch"] and env["environment"]["optuna"] == optuna.__version__
+    assert env["augmentation"]["matches_torchvision"]
+    assert set(env["smoke"]) == {"baseline", "largest"}
+    speed = phases["speed"]
+    assert speed["throughput"]["trainer_images_per_s"] > 0 and speed["throughput"]["ratio_vs_reference"] > 0
+    assert speed["baseline_training"]["epochs"] == 1 and speed["baseline_training"]["seconds"] > 0
+    study = phases["study"]
+    assert study["finished"] == 2 and study["trials"]["COMPLETE"] + study["trials"]["PRUNED"] == 2
+    assert study["baseline"]["number"] == 0 and study["trials_per_hour"] > 0
+    assert 0 <= study["share_of_epochs_pruned"] < 1
+    final = phases["finalize"]
+    assert final["seeds"] == [0] and final["predict"]["reproduces"]
+    for name in ("best", "baseline"):
+        assert 0 <= final[name]["private_test"]["mean"] <= 1
+    assert all(phases[name]["seconds"] >= 0 for name in PHASES)
+    assert {f["name"] for f in summary["files"]} <= SHIPPED
+
+
+def test_shipped_database_holds_the_study(rehearsed: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.db"  # read a copy: opening DIR's would leave side files in it
+    shutil.copy(rehearsed / "fer2013.db", copy)
+    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{copy}")
+    assert len([t for t in study.trials if t.state.is_finished()]) == 2
+    assert study.trials[0].user_attrs["baseline"] is True
+
+
+def test_predict_on_the_shipped_model_reproduces_its_metrics(rehearsed: Path, tiny_fer: Path) -> None:
+    images = sorted(tiny_fer.glob("test/*/PrivateTest_*.jpg"))
+    result = CliRunner().invoke(main, ["predict", "--json", "--model", str(rehearsed / "model.pt"), *map(str, images)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    accuracy = sum(line["label"] == Path(line["path"]).parent.name for line in lines) / len(images)
+    metrics = json.loads((rehearsed / "metrics.json").read_text())
+    assert accuracy == metrics["best"]["per_seed"][str(metrics["shipped_seed"])]["private_test"]["accuracy"]
+
+
+def test_a_fresh_machine_continues_the_study_from_dir(rehearsed: Path, tiny_fer: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(rehearsed, out)  # what came back; the new working folder is empty, as on a new machine
+    result = full_study(tiny_fer, out, tmp_path / "work", *REHEARSAL[:2], "--trials", "3", *REHEARSAL[4:])
+    assert result.returncode == 0, result.stdout + result.stderr
+    phases = summary_of(out)["phases"]
+    assert phases["study"]["finished"] == 3 and phases["finalize"]["study_finished"] == 3
+    assert len(summary_of(out)["calls"]) == 2
+    copy = tmp_path / "copy.db"
+    shutil.copy(out / "fer2013.db", copy)
+    before = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{rehearsed / 'fer2013.db'}")
+    after = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{copy}")
+    assert [t.params for t in after.trials[:2]] == [t.params for t in before.trials[:2]]
+    assert_within_contract(out)
+
+
+def test_a_run_cut_short_says_so_and_a_second_call_finishes_it(tiny_fer: Path, tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    cut = full_study(tiny_fer, out, work, "--budget-s", "3", *REHEARSAL[2:])
+    assert cut.returncode == 75, cut.stdout + cut.stderr
+    assert "resume with:" in cut.stdout
+    assert "cut" in {phase["status"] for phase in summary_of(out)["phases"].values()}
+    assert_within_contract(out)
+    resumed = full_study(tiny_fer, out, work, *REHEARSAL)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = summary_of(out)
+    assert [summary["phases"][name]["status"] for name in PHASES] == ["done"] * 4
+    assert len(summary["calls"]) == 2
+    assert_within_contract(out)
