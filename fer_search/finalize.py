@@ -192,44 +192,71 @@ def run_file(runs_dir: Path, job: SeedJob, epochs: int, fingerprints: dict[str, 
 
 def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, runs_dir: Path, say: Say) -> RunAndState:
     """Train one seed, evaluate on the test splits the weights model.pt would store, keep both in the resume file."""
+    path, key = run_file(runs_dir, job, epochs, data.fingerprints)
+    trained_path = path.with_suffix(".trained.pt")
+    trained = _load_doc(trained_path, key)
+    if trained is None:
+        trained = _trained_seed(job, epochs, data, device, say)
+        # Kept before the evaluation: the float32 CPU pass over the test splits can take as long as a
+        # GPU training, and an interruption there must not cost the training.
+        _save_doc(trained_path, {"key": key, **trained})
+    else:
+        say(f"{job.label}: trained by an interrupted finalize; evaluating it")
+    run = _evaluated_run(job, trained, data)
+    _save_doc(path, {"key": key, "run": json.dumps(dataclasses.asdict(run)), "state": trained["state"]})
+    trained_path.unlink(missing_ok=True)
+    return run, trained["state"]
+
+
+def _trained_seed(job: SeedJob, epochs: int, data: FerData, device: torch.device, say: Say) -> dict[str, Any]:
+    """The seed's weights as model.pt stores them (rounded), its best epoch, validation accuracy and history."""
     def on_epoch(record: Any, _checkpoint: Any) -> None:
         say(f"{job.label}: epoch {record.epoch}/{epochs} val_acc {record.val_acc:.4f}")
 
     result = train_model(job.params, data, TrainSettings(epochs=epochs, seed=job.seed, device=device),
                          on_epoch=on_epoch)
-    # Rounded before evaluating, and evaluated as predict evaluates (float32 on the CPU), so that
-    # the metrics are exactly those of the shipped file.
-    state = compact_state(result.best_state)
-    model = model_from_state(job.params, state, len(CLASSES))
+    return {"state": compact_state(result.best_state), "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
+            "history": json.dumps([dataclasses.asdict(r) for r in result.history])}
+
+
+def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> SeedRun:
+    """The trained seed evaluated on the test splits as predict evaluates (float32 on the CPU), on
+    exactly the rounded weights, so that the metrics are those of the shipped file."""
+    model = model_from_state(job.params, trained["state"], len(CLASSES))
     private_probs = probabilities(model, data.test.x)
     all_pred, all_y = private_probs.argmax(1), data.test.y
     if data.val_is_public_test:  # Public + Private: PrivateTest's predictions are at hand (the CPU pass is slow)
         all_pred = torch.cat([probabilities(model, data.val.x).argmax(1), all_pred])
         all_y = torch.cat([data.val.y, data.test.y])
-    run = SeedRun(
-        kind=job.kind, seed=job.seed, best_epoch=result.best_epoch, val_acc=result.best_val_acc,
-        history=[dataclasses.asdict(r) for r in result.history],
+    return SeedRun(
+        kind=job.kind, seed=job.seed, best_epoch=trained["best_epoch"], val_acc=trained["val_acc"],
+        history=json.loads(trained["history"]),
         private_test=classification_report(data.test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
         test_all=classification_report(all_y.numpy(), all_pred.numpy(), CLASSES),
         test_pred=private_probs.argmax(1).tolist(), test_conf=private_probs.max(1).values.tolist(),
     )
-    path, key = run_file(runs_dir, job, epochs, data.fingerprints)
+
+
+def _save_doc(path: Path, doc: dict[str, Any]) -> None:
     buffer = io.BytesIO()
-    torch.save({"key": key, "run": json.dumps(dataclasses.asdict(run)), "state": state}, buffer)
+    torch.save(doc, buffer)
     write_atomic(path, buffer.getvalue())
-    return run, state
 
 
 def _load_run(path: Path, key: dict[str, Any]) -> RunAndState | None:
+    doc = _load_doc(path, key)
+    return None if doc is None else (SeedRun(**json.loads(doc["run"])), doc["state"])
+
+
+def _load_doc(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """A resume file's document, where it exists, is readable and was written for `key`."""
     if not path.is_file():
         return None
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a damaged file is retrained, never fatal
         return None
-    if doc.get("key") != key:
-        return None
-    return SeedRun(**json.loads(doc["run"])), doc["state"]
+    return doc if isinstance(doc, dict) and doc.get("key") == key else None
 
 
 # --- finalize.jobs > 1: seed runs in processes of their own ---------------------------------

@@ -174,6 +174,28 @@ def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path,
     assert len(list(resume_dir(folder).glob("best-seed1-*.pt"))) == 1
 
 
+def test_a_finalize_interrupted_while_evaluating_keeps_the_training(finalized: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import fer_search.finalize as finalize_module
+
+    folder = Path(shutil.copytree(finalized, tmp_path / "study"))
+    next(resume_dir(folder).glob("best-seed1-*.pt")).unlink()
+    evaluated = finalize_module._evaluated_run
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the CPU pass over the test splits
+
+    monkeypatch.setattr(finalize_module, "_evaluated_run", interrupted)
+    assert finalize(folder, "--seeds", "2").exit_code == 130
+    assert len(list(resume_dir(folder).glob("best-seed1-*.trained.pt"))) == 1
+    monkeypatch.setattr(finalize_module, "_evaluated_run", evaluated)
+    result = finalize(folder, "--seeds", "2")
+    assert result.exit_code == 0, result.output
+    assert trained(result) == [] and "best seed 1: trained by an interrupted finalize" in result.stderr
+    assert not list(resume_dir(folder).glob("*.trained.pt"))  # the finished run replaced it
+    assert metrics_of(final_dir(folder))["best"]["per_seed"] == metrics_of(final_dir(finalized))["best"]["per_seed"]
+
+
 def test_no_baseline_and_out(finalized: Path, tmp_path: Path) -> None:
     before = set(resume_dir(finalized).iterdir())
     result = finalize(finalized, "--seeds", "1", "--no-baseline", "--out", str(tmp_path / "out"), "--epochs", "1")
