@@ -1,12 +1,12 @@
 """The whole real result in one command: environment check, speed, the study, finalize, summary.json.
 
-    python benchmarks/full_study.py --data PATH --out DIR --budget-s 540           # the GPU run
+    python benchmarks/full_study.py --data PATH --out DIR --budget-s 530           # the GPU run
     python benchmarks/full_study.py --device cpu --data TINY --out DIR --budget-s 500 \\
         --trials 2 --epochs 1 --seeds 1 --workers 1                                # its CPU rehearsal
 
 Phases, each under its share of --budget-s (SHARES; unused time passes to the next phase), each
 writing into DIR as soon as it ends, so that a run cut short still returns what it did:
-  env       versions, the GPU, one short training of the smallest and largest families through
+  env       versions, the GPU, one short training of the baseline and the largest model through
             every path of the device (bf16 autocast, channels_last, fused optimizer, on-device
             augmentation, dropout) and augmentation statistics against torchvision; a failure
             stops the run with a one-line reason (exit 1)
@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import os
 import platform
@@ -48,8 +49,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+# The budget counts from here: importing torch and the rest, and the first CUDA call, take seconds
+# of the command's limit on a cold machine.
+STARTED = time.monotonic()
+
+import torch  # noqa: E402 - after STARTED, on purpose
+import torch.nn.functional as F  # noqa: E402
 from throughput import cpu_model, subset, synchronize, throughput
 from torchvision import transforms
 
@@ -58,7 +63,6 @@ from fer_search.config import Config, load_config
 from fer_search.data import FerData, load_configured
 from fer_search.errors import UserError
 from fer_search.predict import load_model, probabilities
-from fer_search.search import provenance
 from fer_search.space import BASELINE, TrialParams
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
@@ -74,9 +78,10 @@ MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 # largest model takes a second per 10 images).
 SMOKE_TRAIN = {"cuda": 1024, "cpu": 32}
 FINALIZE_COPIES = ("model.pt", "metrics.json", "report.html")  # the rest of final/ goes into reports.zip
-# The largest architecture of the space, with the other optimiser and schedule than the baseline's.
+# The largest architecture of the space at its largest batch (the peak memory a worker may need), with
+# the other optimiser and schedule than the baseline's.
 LARGEST = dataclasses.replace(BASELINE, dropout_pattern="every", width=2.0, convs_per_block=2, linear_depth=3,
-                              optimizer="adamw", scheduler="cosine")
+                              batch_size=512, optimizer="adamw", scheduler="cosine")
 
 CUT, EXIT_CUT = "cut", 75
 RUN_EVERY_CALL = ("env", "study", "finalize")  # env checks this machine; the others skip what is done
@@ -90,6 +95,10 @@ class PhaseFailed(Exception):
 class PhaseCut(BaseException):
     """A phase reached its deadline. A BaseException, as KeyboardInterrupt is, so that no library's
     `except Exception` swallows it."""
+
+
+class Terminated(PhaseCut):
+    """SIGTERM (`timeout`, a machine taken back): the phase at hand is cut and the call ends."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +160,27 @@ def main() -> int:
     for partial in plan.out.glob("*.part"):  # left by a call killed while it wrote
         partial.unlink()
     run = Run(plan, shlex.join([sys.executable, *sys.argv]))
+    try:
+        code = run_all(plan, run)
+    except Terminated:
+        run.say(f"stopped by SIGTERM; resume with: {run.summary['calls'][-1]['command']}")
+        code = EXIT_CUT
+    run.summary["calls"][-1].update({"ended": _now(), "exit": code})
+    run.save()
+    return code
+
+
+def run_all(plan: Plan, run: Run) -> int:
+    """The phases still to do, each under its deadline; the call's exit code."""
+    # A SIGTERM (`timeout`, a machine being taken back) ends the phase at hand like its deadline
+    # (the service is interrupted, its work saved, the phase recorded), then the call.
+    signal.signal(signal.SIGTERM, _terminate)
     configure_cpu_threads(1)
     config = write_config(plan)
     restore_study(plan)
-    start = time.monotonic()
     done = {name for name, phase in run.summary["phases"].items() if phase.get("status") == "done"}
     todo = [name for name in SHARES if name not in done or name in RUN_EVERY_CALL]
-    deadlines = _deadlines(start, plan.budget_s, todo)
+    deadlines = _deadlines(STARTED, plan.budget_s, todo)
     phases: dict[str, Callable[[], dict[str, Any]]] = {
         "env": lambda: env_phase(config, plan),
         "speed": lambda: speed_phase(config, plan),
@@ -166,6 +189,9 @@ def main() -> int:
     }
     statuses = []
     for name in todo:
+        if name == "study" and _study_complete(run.summary["phases"].get("study"), plan):
+            run.say("study: finished in an earlier call; kept")
+            continue
         if name == "finalize" and _finalized_for_this_study(run.summary["phases"].get("finalize"), plan):
             run.say("finalize: done for the study as it stands in an earlier call; kept")
             continue
@@ -177,7 +203,6 @@ def main() -> int:
         if name == "env" and status == "failed":
             run.say(f"stopping: env failed: {run.summary['phases']['env']['reason']}")
             return 1
-    run.save()
     check_contract(plan.out)
     if "failed" in statuses:
         return 1
@@ -192,7 +217,8 @@ def _parse_args() -> Plan:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="FER2013 image folders (train/, test/)")
     parser.add_argument("--out", type=Path, required=True, help="the folder to bring back (at most 8 files)")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="seconds for the whole call (default 540)")
+    parser.add_argument("--budget-s", type=float, default=530.0,
+                        help="seconds for the whole call, counted from its start (default 530)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=30)
@@ -220,6 +246,11 @@ def _parse_args() -> Plan:
                 seed=args.seed, config=args.config)
 
 
+def _terminate(_signum: int, _frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not break the clean-up
+    raise Terminated("stopped by SIGTERM")
+
+
 def _deadlines(start: float, budget_s: float, todo: list[str]) -> dict[str, float]:
     """Each phase's end on time.monotonic(): the budget's shares of the phases still to run, cumulated."""
     shares = {name: SHARES[name] for name in todo}
@@ -235,11 +266,13 @@ def run_phase(run: Run, name: str, phase: Callable[[], dict[str, Any]], alarm: f
     """Run one phase until it ends or the alarm rings (a time.monotonic() value) and record it: done,
     cut (resumable) or failed (with a reason)."""
     started = time.monotonic()
+    terminated = False
     try:
         with _alarm(alarm - time.monotonic()):
             figures = {"status": "done", **phase()}
     except PhaseCut as cut:
         figures = {"status": CUT, "reason": str(cut), **getattr(cut, "figures", {})}
+        terminated = isinstance(cut, Terminated)
     except PhaseFailed as failure:
         figures = {"status": "failed", "reason": str(failure), **getattr(failure, "figures", {})}
     except Exception as error:  # noqa: BLE001 - any error ends this phase with its reason, never the run's record
@@ -247,9 +280,13 @@ def run_phase(run: Run, name: str, phase: Callable[[], dict[str, Any]], alarm: f
     previous = run.summary["phases"].get(name, {})
     figures["seconds"] = round(time.monotonic() - started, 1)
     figures["seconds_all_calls"] = round(previous.get("seconds_all_calls", 0.0) + figures["seconds"], 1)
+    if figures["status"] != "done" and previous.get("status") == "done":  # DIR still holds what it made
+        figures["earlier_done"] = {k: v for k, v in previous.items() if k != "earlier_done"}
     run.record(name, figures)
     run.say(f"{name}: {figures['status']} in {figures['seconds']:.0f} s"
             + (f" ({figures['reason']})" if "reason" in figures else ""))
+    if terminated:
+        raise Terminated(figures["reason"])
     return figures["status"]
 
 
@@ -331,6 +368,8 @@ def env_phase(config: Config, plan: Plan) -> dict[str, Any]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, machine and device: what a figure of this run must name."""
+    from fer_search.search import provenance  # imports Optuna: a broken install is then this phase's failure
+
     found = provenance()
     env: dict[str, Any] = {**found["versions"], "git": found["git"], "host": socket.gethostname(),
                            "cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
@@ -384,34 +423,48 @@ def augmentation_statistics(device: torch.device, distinct: int = 8, copies: int
 def speed_phase(config: Config, plan: Plan) -> dict[str, Any]:
     device = resolve_device(plan.device)
     figures: dict[str, Any] = {}
-    if (plan.data / "train").is_dir():
-        figures["throughput"] = throughput(plan.data, device, repeats=1, cache_dir=config.data.cache_dir)
-    else:
-        figures["throughput"] = {"skipped": "the reference pipeline reads image folders; --data is not one"}
+    try:
+        if (plan.data / "train").is_dir():
+            figures["throughput"] = throughput(plan.data, device, repeats=1, cache_dir=config.data.cache_dir)
+        else:
+            figures["throughput"] = {"skipped": "the reference pipeline reads image folders; --data is not one"}
+        figures["baseline_training"] = timed_baseline(config, plan, device)
+    except PhaseCut as cut:
+        raise _with(cut, figures) from None  # what was measured before the deadline stays
+    return figures
+
+
+def timed_baseline(config: Config, plan: Plan, device: torch.device) -> dict[str, Any]:
+    """One baseline training of --epochs epochs on the whole training set, timed from start to end."""
     data = load_configured(config.data)
     synchronize(device)
     start = time.perf_counter()
     result = train_model(BASELINE, data, TrainSettings(epochs=plan.epochs, seed=plan.seed, device=device))
     synchronize(device)
     seconds = time.perf_counter() - start
-    figures["baseline_training"] = {
+    return {
         "epochs": plan.epochs, "seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / plan.epochs, 3),
         "train_images": len(data.train.y), "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
         "train_images_per_s": round(sum(r.images_per_s for r in result.history) / len(result.history), 1),
     }
-    return figures
 
 
 # --- phase 3: the study --------------------------------------------------------------------------
 
 def study_phase(plan: Plan, run: Run, deadline: float) -> dict[str, Any]:
     started = time.monotonic()
-    code = service(run, ["run", "--timeout", f"{max(1.0, SOFT_STOP * (deadline - started)):.0f}"], deadline)
-    ship_database(plan)
+    try:
+        code = service(run, ["run", "--timeout", f"{max(1.0, SOFT_STOP * (deadline - started)):.0f}"], deadline)
+    finally:
+        ship_database(plan)  # however the service ended, the study as it stands comes back
     seconds = run.summary["phases"].get("study", {}).get("seconds_all_calls", 0.0) + time.monotonic() - started
     figures = study_figures(plan)
     figures["trials_per_hour"] = round(figures["finished"] / seconds * 3600, 1)  # over every call's study time
-    return _phase_end(code, "run", {**figures, "log_tail": _log_tail(run.log_path)})
+    figures = _phase_end(code, "run", {**figures, "log_tail": _log_tail(run.log_path)})
+    if figures["finished"] < plan.trials:  # `run --timeout` stopped it (exit 0) before the deadline
+        raise _with(PhaseCut(f"{figures['finished']} of {plan.trials} trials finished when its time ran out"),
+                    figures)
+    return figures
 
 
 def service(run: Run, args: list[str], deadline: float) -> int:
@@ -432,14 +485,18 @@ def service(run: Run, args: list[str], deadline: float) -> int:
 
 
 def _interrupt(proc: subprocess.Popen[bytes]) -> int:
-    """SIGINT to the service's process group, as Ctrl-C in a terminal; SIGKILL after GRACE_S."""
-    os.killpg(proc.pid, signal.SIGINT)
+    """SIGINT to the service's process group, as Ctrl-C in a terminal; SIGKILL after GRACE_S.
+    Its exit code: 130 where the signal stopped it, its own where it ended first."""
+    with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+        os.killpg(proc.pid, signal.SIGINT)
     try:
-        proc.wait(timeout=GRACE_S)
+        code = proc.wait(timeout=GRACE_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return 130
+        return 130
+    return 130 if code in (130, -signal.SIGINT) else code
 
 
 def _phase_end(code: int, command: str, figures: dict[str, Any]) -> dict[str, Any]:
@@ -463,15 +520,15 @@ def ship_database(plan: Plan) -> None:
 
 
 def _sqlite_copy(source: Path, target: Path) -> None:
-    """A consistent copy of a SQLite database in rollback-journal mode, so that it is one whole file."""
-    with contextlib.closing(sqlite3.connect(source)) as src:
-        src.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        partial = target.with_name(target.name + ".part")
-        partial.unlink(missing_ok=True)
-        with contextlib.closing(sqlite3.connect(partial)) as dst:
+    """A consistent copy of a SQLite database in rollback-journal mode, so that it is one whole file.
+    Made in a temporary folder, where its side files come and go, then written to `target` at once."""
+    with tempfile.TemporaryDirectory(prefix="fer-db-") as temp:
+        copy = Path(temp) / "copy.db"
+        with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(copy)) as dst:
+            src.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             src.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")
-    os.replace(partial, target)
+        _write_atomic(target, copy.read_bytes())
 
 
 def study_figures(plan: Plan) -> dict[str, Any]:
@@ -526,12 +583,12 @@ def ship_final(final: Path, out: Path) -> None:
     """model.pt, metrics.json and report.html as they are; finalize's other files in reports.zip."""
     for name in FINALIZE_COPIES:
         _write_atomic(out / name, (final / name).read_bytes())
-    partial = out / "reports.zip.part"
-    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as bundle:
+    bundle = io.BytesIO()
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(final.iterdir()):
             if path.is_file() and path.name not in FINALIZE_COPIES:
-                bundle.write(path, path.name)
-    os.replace(partial, out / "reports.zip")
+                archive.write(path, path.name)
+    _write_atomic(out / "reports.zip", bundle.getvalue())
 
 
 def finalize_figures(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -559,6 +616,14 @@ def predict_check(config: Config, out: Path, metrics: dict[str, Any]) -> dict[st
             "reproduces": abs(accuracy - expected) < 0.5 / len(data.test.y)}
 
 
+def _study_complete(previous: dict[str, Any] | None, plan: Plan) -> bool:
+    """An earlier call finished the study: `run` would start its workers only to find nothing to do."""
+    if not previous or previous.get("status") != "done" or not plan.database.exists():
+        return False
+    study = study_figures(plan)
+    return study["finished"] >= plan.trials and not (study["trials"]["RUNNING"] or study["trials"]["WAITING"])
+
+
 def _finalized_for_this_study(previous: dict[str, Any] | None, plan: Plan) -> bool:
     """An earlier call finalized the study as it stands now (same finished trials, seeds and epochs)."""
     if not previous or previous.get("status") != "done" or not plan.database.exists():
@@ -580,7 +645,8 @@ def check_contract(out: Path) -> None:
     entries = sorted(out.iterdir())
     problems = [f"{p.name} is a folder" for p in entries if p.is_dir()]
     problems += [f"{p.name} has {p.stat().st_size} bytes" for p in entries if p.is_file() and p.stat().st_size > MAX_BYTES]
-    problems += [f"{p.name} is a SQLite side file" for p in entries if p.name.endswith(("-wal", "-shm", "-journal"))]
+    problems += [f"{p.name} is a SQLite side file or a partial write" for p in entries
+                 if p.name.endswith(("-wal", "-shm", "-journal", ".part"))]
     if len(entries) > MAX_FILES:
         problems.append(f"{len(entries)} entries, more than {MAX_FILES}")
     if problems:
@@ -588,9 +654,13 @@ def check_contract(out: Path) -> None:
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
+    """Write `path` whole or not at all; no partial file stays behind, whatever interrupts it."""
     partial = path.with_name(path.name + ".part")
-    partial.write_bytes(content)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(content)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:

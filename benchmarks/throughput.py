@@ -42,6 +42,10 @@ class Learner:
     fast: bool
 
 
+class ImageCountError(ValueError):
+    """More training images asked for than the data set has, or fewer than a step needs."""
+
+
 @dataclasses.dataclass
 class Rates:
     """Images/s per measured round (warm-up round excluded) of the three pipelines."""
@@ -56,7 +60,7 @@ def main() -> None:
     configure_cpu_threads(1)  # torch threads = cores, for all three pipelines
     try:
         figures = throughput(args.data, torch.device(args.device), args.images, args.repeats, args.cache_dir)
-    except ValueError as error:
+    except ImageCountError as error:
         raise SystemExit(f"--images: {error}") from None
     for key, value in figures.items():
         print(f"{key}={value}")
@@ -75,7 +79,7 @@ def throughput(data_path: Path, device: torch.device, images: int | None = None,
     if images is None:
         images = min(CPU_IMAGES, available) if device.type == "cpu" else available
     if not 2 <= images <= available:
-        raise ValueError(f"images must be between 2 and {available}, not {images}")
+        raise ImageCountError(f"must be between 2 and {available}, not {images}")
     indices = torch.randperm(available, generator=torch.Generator().manual_seed(SEED))[:images]
     rates = measure(subset(data, indices), _reference_loader(data_path, indices, device), device, repeats)
     figures = {**_header(device, images, repeats), **_rate_figures(rates)}

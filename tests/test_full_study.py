@@ -81,10 +81,15 @@ def test_summary_holds_every_phase_and_its_figures(rehearsed: Path) -> None:
     assert {f["name"] for f in summary["files"]} <= SHIPPED
 
 
+def load_copy(database: Path, folder: Path) -> optuna.Study:
+    """The study in a copy of `database`: opening DIR's own would leave side files in it."""
+    folder.mkdir()
+    shutil.copy(database, folder / "copy.db")
+    return optuna.load_study(study_name="fer2013", storage=f"sqlite:///{folder / 'copy.db'}")
+
+
 def test_shipped_database_holds_the_study(rehearsed: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy.db"  # read a copy: opening DIR's would leave side files in it
-    shutil.copy(rehearsed / "fer2013.db", copy)
-    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{copy}")
+    study = load_copy(rehearsed / "fer2013.db", tmp_path / "copy")
     assert len([t for t in study.trials if t.state.is_finished()]) == 2
     assert study.trials[0].user_attrs["baseline"] is True
 
@@ -102,16 +107,19 @@ def test_predict_on_the_shipped_model_reproduces_its_metrics(rehearsed: Path, ti
 def test_a_fresh_machine_continues_the_study_from_dir(rehearsed: Path, tiny_fer: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(rehearsed, out)  # what came back; the new working folder is empty, as on a new machine
-    result = full_study(tiny_fer, out, tmp_path / "work", *REHEARSAL[:2], "--trials", "3", *REHEARSAL[4:])
+    # The GPU run's layout: search workers and finalize's trainings in processes of their own.
+    result = full_study(tiny_fer, out, tmp_path / "work", "--budget-s", "500", "--trials", "3", "--epochs", "1",
+                        "--seeds", "1", "--workers", "2", "--jobs", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    phases = summary_of(out)["phases"]
+    summary = summary_of(out)
+    phases = summary["phases"]
     assert phases["study"]["finished"] == 3 and phases["finalize"]["study_finished"] == 3
-    assert len(summary_of(out)["calls"]) == 2
-    copy = tmp_path / "copy.db"
-    shutil.copy(out / "fer2013.db", copy)
-    before = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{rehearsed / 'fer2013.db'}")
-    after = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{copy}")
-    assert [t.params for t in after.trials[:2]] == [t.params for t in before.trials[:2]]
+    assert [call["exit"] for call in summary["calls"]] == [0, 0]
+    assert phases["speed"]["seconds_all_calls"] == summary_of(rehearsed)["phases"]["speed"]["seconds"]  # not redone
+    before, after = (load_copy(folder / "fer2013.db", tmp_path / name) for folder, name in ((rehearsed, "a"), (out, "b")))
+    # The same trials, not a new study that drew the same first two.
+    assert [t.datetime_start for t in after.trials[:2]] == [t.datetime_start for t in before.trials[:2]]
+    assert phases["finalize"]["predict"]["reproduces"]
     assert_within_contract(out)
 
 
@@ -128,3 +136,17 @@ def test_a_run_cut_short_says_so_and_a_second_call_finishes_it(tiny_fer: Path, t
     assert [summary["phases"][name]["status"] for name in PHASES] == ["done"] * 4
     assert len(summary["calls"]) == 2
     assert_within_contract(out)
+
+
+def test_a_study_its_timeout_stopped_short_is_cut_not_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `run --timeout` exits 0 with fewer trials than asked for: the phase must say cut, so the call exits 75.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import full_study
+
+    plan = full_study.Plan(data=tmp_path, out=tmp_path / "out", work=tmp_path, budget_s=60, device="cpu", trials=50,
+                           epochs=1, seeds=1, workers=1, jobs=1, seed=0, config=tmp_path / "search.toml")
+    plan.out.mkdir()
+    monkeypatch.setattr(full_study, "service", lambda *args: 0)
+    monkeypatch.setattr(full_study, "study_figures", lambda _plan: {"finished": 12})
+    with pytest.raises(full_study.PhaseCut, match="12 of 50 trials"):
+        full_study.study_phase(plan, full_study.Run(plan, "test"), deadline=0.0)
