@@ -368,14 +368,15 @@ def env_phase(config: Config, plan: Plan) -> dict[str, Any]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, machine and device: what a figure of this run must name."""
-    from fer_search.search import provenance  # imports Optuna: a broken install is then this phase's failure
+    # Imports Optuna: a broken install is then this phase's failure, not the script's.
+    from fer_search.search import package_version, provenance
 
     found = provenance()
     env: dict[str, Any] = {**found["versions"], "git": found["git"], "host": socket.gethostname(),
                            "cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
                            "date": _now()}
     for name in ("torchvision", "numpy", "matplotlib"):
-        env[name] = _version(name)
+        env[name] = package_version(name)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
@@ -676,15 +677,6 @@ def _last_error_line(tail: str) -> str:
 
 def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def _now() -> str:

@@ -159,10 +159,13 @@ def retrain(jobs: list[SeedJob], config: Config, data: FerData, epochs: int, dev
             say: Say) -> list[RunAndState]:
     """Each job's run and weights, in order: reused from an interrupted finalize, else trained and evaluated,
     here (finalize.jobs = 1) or in finalize.jobs processes at once."""
+    def finished(job: SeedJob) -> tuple[Path, RunAndState | None]:
+        path, key = run_file(runs_dir, job, epochs, data.fingerprints)
+        return path, _load_run(path, key)
+
     found: dict[SeedJob, RunAndState] = {}
     for job in jobs:
-        path, key = run_file(runs_dir, job, epochs, data.fingerprints)
-        cached = _load_run(path, key)
+        path, cached = finished(job)
         if cached is not None:
             say(f"{job.label}: reusing the finished run in {path}")
             found[job] = cached
@@ -174,8 +177,7 @@ def retrain(jobs: list[SeedJob], config: Config, data: FerData, epochs: int, dev
     elif todo:
         train_in_processes(todo, config, epochs, runs_dir, say)
         for job in todo:  # each process left its run in its resume file
-            path, key = run_file(runs_dir, job, epochs, data.fingerprints)
-            cached = _load_run(path, key)
+            path, cached = finished(job)
             if cached is None:
                 raise RuntimeError(f"{job.label}: its process ended without writing {path}")
             found[job] = cached

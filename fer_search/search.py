@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
@@ -85,17 +86,17 @@ def provenance() -> dict[str, Any]:
                                         text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
-                         "fer-search": v("fer-search"), "sqlalchemy": v("sqlalchemy")},
+                         "fer-search": package_version("fer-search"), "sqlalchemy": package_version("sqlalchemy")},
             "git": {"commit": commit, "dirty": dirty}}
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, None where it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: dict[str, Any],
