@@ -150,3 +150,12 @@ def test_a_study_its_timeout_stopped_short_is_cut_not_done(tmp_path: Path, monke
     monkeypatch.setattr(full_study, "study_figures", lambda _plan: {"finished": 12})
     with pytest.raises(full_study.PhaseCut, match="12 of 50 trials"):
         full_study.study_phase(plan, full_study.Run(plan, "test"), deadline=0.0)
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_fer: Path, tmp_path: Path) -> None:
+    result = full_study(tiny_fer, tmp_path / "out", tmp_path / "work", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path / 'missing.toml'}"]
+    result = full_study(tmp_path / "no-data", tmp_path / "out", tmp_path / "work")
+    assert result.returncode == 2 and "--data" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
