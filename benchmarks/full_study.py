@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -62,8 +61,9 @@ from fer_search.augment import augment_batch, normalize
 from fer_search.config import Config, load_config
 from fer_search.data import FerData, load_configured
 from fer_search.errors import UserError
+from fer_search.files import sha256_json, write_atomically
 from fer_search.predict import load_model, probabilities
-from fer_search.space import BASELINE, TrialParams
+from fer_search.model import BASELINE, TrialParams
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
 STUDY = "fer2013"
@@ -150,14 +150,14 @@ class Run:
 
     def save(self) -> None:
         self.summary["files"] = dir_files(self.plan.out)
-        _write_atomic(self.summary_path, json.dumps(self.summary, indent=2).encode())
+        _write(self.summary_path, json.dumps(self.summary, indent=2).encode())
 
 
 def main() -> int:
     plan = _parse_args()
     plan.out.mkdir(parents=True, exist_ok=True)
     plan.work.mkdir(parents=True, exist_ok=True)
-    for partial in plan.out.glob("*.part"):  # left by a call killed while it wrote
+    for partial in plan.out.glob(".*.tmp"):  # left by a call killed while it wrote
         partial.unlink()
     run = Run(plan, shlex.join([sys.executable, *sys.argv]))
     try:
@@ -239,7 +239,7 @@ def _parse_args() -> Plan:
         parser.error("--budget-s must be positive")
     if not args.data.exists():
         parser.error(f"--data {args.data}: no such file or folder")
-    work = args.work or Path(tempfile.gettempdir()) / f"fer-full-study-{hashlib.sha256(str(out).encode()).hexdigest()[:12]}"
+    work = args.work or Path(tempfile.gettempdir()) / f"fer-full-study-{sha256_json(str(out))[:12]}"
     return Plan(data=args.data.resolve(), out=out, work=work.resolve(), budget_s=args.budget_s, device=args.device,
                 trials=args.trials, epochs=args.epochs, seeds=args.seeds,
                 workers=args.workers or (4 if cuda else 1), jobs=args.jobs or (2 * args.seeds if cuda else 1),
@@ -324,7 +324,7 @@ def write_config(plan: Plan) -> Config:
     }
     text = "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items()) + "\n"
                    for name, table in sections.items())
-    _write_atomic(plan.toml, text.encode())
+    _write(plan.toml, text.encode())
     return load_config(plan.toml)
 
 
@@ -529,7 +529,7 @@ def _sqlite_copy(source: Path, target: Path) -> None:
             src.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             src.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")
-        _write_atomic(target, copy.read_bytes())
+        _write(target, copy.read_bytes())
 
 
 def study_figures(plan: Plan) -> dict[str, Any]:
@@ -583,13 +583,13 @@ def finalize_phase(config: Config, plan: Plan, run: Run, deadline: float) -> dic
 def ship_final(final: Path, out: Path) -> None:
     """model.pt, metrics.json and report.html as they are; finalize's other files in reports.zip."""
     for name in FINALIZE_COPIES:
-        _write_atomic(out / name, (final / name).read_bytes())
+        _write(out / name, (final / name).read_bytes())
     bundle = io.BytesIO()
     with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(final.iterdir()):
             if path.is_file() and path.name not in FINALIZE_COPIES:
                 archive.write(path, path.name)
-    _write_atomic(out / "reports.zip", bundle.getvalue())
+    _write(out / "reports.zip", bundle.getvalue())
 
 
 def finalize_figures(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -647,21 +647,16 @@ def check_contract(out: Path) -> None:
     problems = [f"{p.name} is a folder" for p in entries if p.is_dir()]
     problems += [f"{p.name} has {p.stat().st_size} bytes" for p in entries if p.is_file() and p.stat().st_size > MAX_BYTES]
     problems += [f"{p.name} is a SQLite side file or a partial write" for p in entries
-                 if p.name.endswith(("-wal", "-shm", "-journal", ".part"))]
+                 if p.name.endswith(("-wal", "-shm", "-journal", ".tmp"))]
     if len(entries) > MAX_FILES:
         problems.append(f"{len(entries)} entries, more than {MAX_FILES}")
     if problems:
         raise SystemExit(f"{out}: breaks the contract of what comes back: {'; '.join(problems)}")
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Write `path` whole or not at all; no partial file stays behind, whatever interrupts it."""
-    partial = path.with_name(path.name + ".part")
-    try:
-        partial.write_bytes(content)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+def _write(path: Path, content: bytes) -> None:
+    """Write `path` whole or not at all (fer-search's atomic write; an interrupted one leaves no file)."""
+    write_atomically(path, lambda f: f.write(content))
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fer_search.augment
 import fer_search.train
 from fer_search.model import build_model
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 from fer_search.train import configure_cpu_threads
 
 BATCH = 128

@@ -22,7 +22,7 @@ from torchvision import datasets, transforms
 from fer_search.augment import CROP_SCALE, MEAN, PAD, STD
 from fer_search.data import SIZE, FerData, load_data
 from fer_search.model import build_model
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 from fer_search.train import EpochRecord, TrainSettings, configure_cpu_threads, train_model
 
 BATCH = BASELINE.batch_size

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_search.model import Dropout, build_model
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 from fer_search.train import configure_cpu_threads
 
 BATCH = 128

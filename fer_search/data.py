@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fer_search.config import DataConfig
 from fer_search.errors import UserError
+from fer_search.files import content_fingerprint, made_folder, sha256_json, write_atomically
 
 CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 SIZE = 48
@@ -108,7 +107,7 @@ def load_data(
     Without `with_test` no PrivateTest image is read: the test folder is only listed.
     """
     plan = _plan(Path(path), with_test)
-    cache_dir = _ensure_cache_dir(Path(cache_dir))
+    cache_dir = made_folder(Path(cache_dir), "cache")
     train = _cached_arrays(plan.train, cache_dir)
     if plan.val is None:
         train_split, val_split = _carve_val(train, val_fraction, split_seed)
@@ -129,7 +128,7 @@ def check_data(path: Path, cache_dir: Path, *, val_fraction: float = 0.1, split_
     data = load_data(path, cache_dir, with_test=True, val_fraction=val_fraction, split_seed=split_seed)
     splits = {"train": data.train, "val": data.val, "test": data.test}
     return {
-        "fingerprint": _sha256_json(data.fingerprints),
+        "fingerprint": sha256_json(data.fingerprints),
         "splits": {role: _split_summary(split) for role, split in splits.items() if split is not None},
         "converted": sum(split.converted for split in splits.values() if split is not None),
     }
@@ -231,7 +230,7 @@ def _scandir(folder: Path) -> list[os.DirEntry[str]]:
 def _folder_source(split_dir: Path, files: Sequence[_Listed]) -> _Source:
     """A split made of image files, keyed by their relative names, sizes and mtimes."""
     index = [[f.name, *_size_and_mtime(f.entry)] for f in files]
-    return _Source(_sha256_json(["folder", _CACHE_VERSION, index]), lambda: _decoded_files(files))
+    return _Source(sha256_json(["folder", _CACHE_VERSION, index]), lambda: _decoded_files(files))
 
 
 def _size_and_mtime(entry: os.DirEntry[str]) -> tuple[int, int]:
@@ -253,7 +252,7 @@ def _decoded_files(files: Sequence[_Listed]) -> _Arrays:
         y=np.array([f.label for f in files], dtype=np.int64),
         names=np.array([f.name for f in files], dtype=str),
         converted=np.array([converted for _, _, converted in decoded], dtype=bool),
-        fingerprint=_content_fingerprint((f.name, raw) for f, (raw, _, _) in zip(files, decoded)),
+        fingerprint=content_fingerprint((f.name, raw) for f, (raw, _, _) in zip(files, decoded)),
     )
 
 
@@ -285,7 +284,7 @@ def _csv_plan(csv_path: Path, with_test: bool) -> _Plan:
     table = _CsvTable(csv_path, tuple(CSV_USAGES[role] for role in roles))
     sources = {
         role: _Source(
-            _sha256_json(["csv", _CACHE_VERSION, CSV_USAGES[role], stat.st_size, stat.st_mtime_ns]),
+            sha256_json(["csv", _CACHE_VERSION, CSV_USAGES[role], stat.st_size, stat.st_mtime_ns]),
             lambda usage=CSV_USAGES[role]: _decoded_rows(table, usage),
         )
         for role in roles
@@ -361,7 +360,7 @@ def _decoded_rows(table: _CsvTable, usage: str) -> _Arrays:
         y=np.array([_csv_label(table.path, n, e) for n, e in zip(rows.lines, rows.emotions)], dtype=np.int64),
         names=np.array(names, dtype=str),
         converted=np.zeros(len(names), dtype=bool),
-        fingerprint=_content_fingerprint(
+        fingerprint=content_fingerprint(
             (name, f"{e},{p}".encode()) for name, e, p in zip(names, rows.emotions, rows.pixels)
         ),
     )
@@ -387,30 +386,6 @@ def _csv_image(path: Path, line: int, pixels: str) -> np.ndarray:
         bad = next(v for v in values if not (v.isascii() and v.isdigit() and int(v) <= 255))
         raise UserError(f"{path}: line {line}: pixel value {bad!r} is not an integer 0-255")
     return image.astype(np.uint8).reshape(SIZE, SIZE)
-
-
-def _content_fingerprint(items: Iterable[tuple[str, bytes]]) -> str:
-    """sha256 over (name, content) pairs in the given (canonical) order, length-prefixed so unambiguous."""
-    digest = hashlib.sha256()
-    for name, content in items:
-        encoded = name.encode()
-        digest.update(len(encoded).to_bytes(8, "little") + encoded + len(content).to_bytes(8, "little"))
-        digest.update(content)
-    return digest.hexdigest()
-
-
-def _sha256_json(value: Any) -> str:
-    """sha256 hex of a JSON-able value in a canonical spelling."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _ensure_cache_dir(cache_dir: Path) -> Path:
-    """The cache folder, created if missing."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"{cache_dir}: cannot create the cache folder ({error.strerror})") from None
-    return cache_dir
 
 
 def _cached_arrays(source: _Source, cache_dir: Path) -> _Arrays:
@@ -488,18 +463,6 @@ def _write_arrays(cache_dir: Path, arrays: _Arrays) -> None:
     _write_cache_file(_arrays_path(cache_dir, arrays.fingerprint), lambda file: np.savez(file, **fields))
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Writes through a temporary name and renames, so no reader (another worker) sees a half-written file."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    try:
-        with open(temp, "wb") as file:
-            write(file)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def _write_cache_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
     try:
         write_atomically(path, write)
@@ -517,8 +480,8 @@ def _carve_val(source: _Arrays, val_fraction: float, split_seed: int) -> tuple[S
     # Both halves are derived from the one cached source, so their fingerprints are too.
     derivation = ["carved", source.fingerprint, val_fraction, split_seed]
     return (
-        _split_data(source, ~is_val, _sha256_json([*derivation, "train"])),
-        _split_data(source, is_val, _sha256_json([*derivation, "val"])),
+        _split_data(source, ~is_val, sha256_json([*derivation, "train"])),
+        _split_data(source, is_val, sha256_json([*derivation, "val"])),
     )
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,10 +21,12 @@ from fer_search.config import Config
 from fer_search.data import CLASSES, FerData, load_configured
 from fer_search.errors import UserError, configure_logging, first_line
 from fer_search.metrics import classification_report
-from fer_search.predict import compact_state, model_from_state, probabilities, save_model, write_atomic
+from fer_search.files import made_folder, sha256_json, write_file
+from fer_search.predict import compact_state, model_from_state, probabilities, save_model
 from fer_search.report import SeedRun, write_reports
 from fer_search.search import provenance, stop_processes
-from fer_search.space import BASELINE, TrialParams, params_from_trial
+from fer_search.model import BASELINE, TrialParams
+from fer_search.space import params_from_trial
 from fer_search.storage import load_existing_study
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
@@ -62,8 +62,8 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     best = best_complete_trial(study)
     device = resolve_device(config.run.device)
     # Checked before any data is decoded or seed trained: a bad --out must not cost a training run.
-    out = prepared_folder(config.final_dir, "output")
-    runs_dir = prepared_folder(resume_dir(config), "resume")
+    out = made_folder(config.final_dir, "output")
+    runs_dir = made_folder(resume_dir(config), "resume")
     searched_on = study.user_attrs.get("data_path")
     if not config.data.path.exists() and searched_on and Path(searched_on).exists():
         raise UserError(f"{config.data.path}: no such file or folder; study {study.study_name!r} was searched on "
@@ -99,7 +99,7 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
         "commands": {"run": study.user_attrs.get("command"), "finalize": command},
         **provenance(),
     }
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    write_file(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     baseline_same_seed = next((r for r, _ in baseline_runs if r.seed == shipped.seed), None)
     written = write_reports(out, metrics, shipped, baseline_same_seed, data.test.x[:, 0].numpy(),
                             data.test.y.numpy(), CLASSES, study)
@@ -109,17 +109,6 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
 def resume_dir(config: Config) -> Path:
     """Finished seeds of an interrupted finalize: kept with the study, not in the folder users take away."""
     return config.study.dir / config.study.name / "finalize-runs"
-
-
-def prepared_folder(path: Path, what: str) -> Path:
-    """`path`, created if need be; UserError naming it when it cannot be or cannot be written to."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"{path}: cannot create the {what} folder ({error.strerror or type(error).__name__})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot write to the {what} folder (permission denied)")
-    return path
 
 
 def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
@@ -188,8 +177,7 @@ def run_file(runs_dir: Path, job: SeedJob, epochs: int, fingerprints: dict[str, 
     """Where a job's finished run is kept, and the key that file must hold to be reused."""
     key = {"params": job.params.to_dict(), "epochs": epochs, "fingerprints": fingerprints, "weights": STORED_WEIGHTS}
     # Named by its key too: the folder is the study's, shared by finalizes with other --epochs or --out.
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return runs_dir / f"{job.kind}-seed{job.seed}-{digest}.pt", key
+    return runs_dir / f"{job.kind}-seed{job.seed}-{sha256_json(key)[:16]}.pt", key
 
 
 def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, runs_dir: Path, say: Say) -> RunAndState:
@@ -242,7 +230,7 @@ def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> Seed
 def _save_doc(path: Path, doc: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(doc, buffer)
-    write_atomic(path, buffer.getvalue())
+    write_file(path, buffer.getvalue())
 
 
 def _load_run(path: Path, key: dict[str, Any]) -> RunAndState | None:

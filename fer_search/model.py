@@ -1,13 +1,67 @@
-"""The documented CNN family: TrialParams -> nn.Module."""
+"""The CNN family: its parameters (TrialParams, the baseline, the dropout table) and TrialParams -> nn.Module."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fer_search.space import BLOCK_DROPOUTS, TrialParams, used_dropouts
+
+@dataclass(frozen=True)
+class TrialParams:
+    """One point of the family: architecture and optimisation. Unused dropout rates are None."""
+
+    dropout_pattern: str
+    dropout_high: float | None
+    dropout_low: float | None
+    dropout_head: float | None
+    lr: float
+    weight_decay: float
+    batch_size: int
+    linear_depth: int
+    optimizer: str
+    scheduler: str
+    width: float
+    convs_per_block: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: d.get(k) for k in names})
+
+
+# The documented hand-tuned model ("the baseline"): trial 0 of every study.
+BASELINE = TrialParams(
+    dropout_pattern="interlaced", dropout_high=0.5, dropout_low=0.3, dropout_head=0.5,
+    lr=1e-3, weight_decay=1e-4, batch_size=128, linear_depth=2, optimizer="adam",
+    scheduler="plateau", width=1.0, convs_per_block=1,
+)
+
+
+# The rate after each of the four conv blocks, by dropout_pattern (None: no Dropout there); every
+# pattern but "none" also puts dropout_head in the head. The model builds from this table and
+# the space suggests from it, so the two cannot disagree.
+BLOCK_DROPOUTS: dict[str, tuple[str | None, ...]] = {
+    "none": (None,) * 4,
+    "head": (None,) * 4,
+    "every": ("dropout_high",) * 4,
+    "alternate": ("dropout_high", None, "dropout_high", None),
+    "interlaced": ("dropout_high", "dropout_low", "dropout_high", "dropout_low"),
+}
+
+
+def used_dropouts(pattern: str) -> tuple[str, ...]:
+    """The dropout rates a pattern uses, so that only those are suggested and recorded."""
+    conv = tuple(dict.fromkeys(name for name in BLOCK_DROPOUTS[pattern] if name is not None))
+    return conv + (() if pattern == "none" else ("dropout_head",))
+
 
 BASE_CHANNELS = (32, 64, 128, 256)
 HEAD_WIDTHS = (256, 128)  # the linear layers keep these whatever the width

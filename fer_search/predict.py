@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from fer_search.augment import MEAN, STD
-from fer_search.data import decode_image, write_atomically
+from fer_search.data import decode_image
 from fer_search.errors import UserError
-from fer_search.model import build_model
-from fer_search.space import TrialParams
+from fer_search.files import write_file
+from fer_search.model import TrialParams, build_model
 from fer_search.train import logits_for
 
 FORMAT = "fer-search-model/1"
@@ -66,16 +66,7 @@ def save_model(path: Path, state: dict[str, torch.Tensor], params: TrialParams, 
            "normalization": {"mean": MEAN, "std": STD}, "meta": meta}
     buffer = io.BytesIO()
     torch.save(doc, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def write_atomic(path: Path, content: bytes) -> None:
-    """Write a file users keep (model, metrics, reports) so that a reader never sees half of it."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: f.write(content))
-    except OSError as error:
-        raise UserError(f"{path}: cannot write ({error.strerror or type(error).__name__})") from None
+    write_file(path, buffer.getvalue())
 
 
 def load_model(path: Path | str) -> LoadedModel:

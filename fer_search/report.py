@@ -21,8 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fer_search.predict import write_atomic
-from fer_search.space import BASELINE
+from fer_search.files import write_file
+from fer_search.model import BASELINE
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
@@ -70,8 +70,8 @@ def write_reports(out: Path, metrics: dict[str, Any], shipped: SeedRun, baseline
         **figures,
         "report.html": report_html(metrics, shipped, baseline, classes, study, figures).encode(),
     }
-    for name, content in files.items():  # write_atomic creates `out`
-        write_atomic(out / name, content)
+    for name, content in files.items():  # write_file creates `out`
+        write_file(out / name, content)
     return [out / name for name in files]
 
 

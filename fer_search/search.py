@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -32,7 +31,9 @@ from optuna.trial import FrozenTrial, TrialState
 from fer_search.config import Config, PrunerConfig
 from fer_search.data import FerData, load_configured
 from fer_search.errors import UserError, configure_logging, first_line, logging_to
-from fer_search.space import BASELINE, TrialParams, optuna_params, suggest_params
+from fer_search.files import seed_of
+from fer_search.model import BASELINE, TrialParams
+from fer_search.space import optuna_params, suggest_params
 from fer_search.storage import Heartbeat, open_artifact_store, opened_storage
 from fer_search.train import (DivergedError, EpochRecord, TrainSettings, configure_cpu_threads, resolve_device,
                               train_model)
@@ -190,9 +191,7 @@ def make_sampler(base_seed: int, worker_index: int) -> optuna.samplers.TPESample
     Optuna 5's TPE defaults are multivariate with constant liar; group=True models the
     conditional parameters (dropout rates that exist only for some patterns) separately.
     """
-    key = f"{base_seed}/{socket.gethostname()}/{worker_index}".encode()
-    seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
-    return optuna.samplers.TPESampler(seed=seed, group=True)
+    return optuna.samplers.TPESampler(seed=seed_of(f"{base_seed}/{socket.gethostname()}/{worker_index}"), group=True)
 
 
 def make_pruner(config: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
@@ -214,7 +213,7 @@ def make_pruner(config: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
 # --- the objective ------------------------------------------------------------------------
 
 def trial_seed(base_seed: int, number: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{base_seed}/trial/{number}".encode()).digest()[:4], "little")
+    return seed_of(f"{base_seed}/trial/{number}")
 
 
 class OutOfMemory(RuntimeError):

@@ -22,8 +22,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import CreateEnginePlugin
 
-from fer_search.data import write_atomically
 from fer_search.errors import UserError, first_line
+from fer_search.files import made_folder, write_atomically
 
 log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
@@ -97,11 +97,7 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     """An RDBStorage for `url`; bad URLs, missing drivers and unreachable servers -> UserError."""
     _check_url(url)
     if url.startswith("sqlite:///"):
-        folder = Path(url[len("sqlite:///"):]).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"storage {redacted(url)}: cannot create folder {folder}: {e.strerror}") from None
+        made_folder(Path(url[len("sqlite:///"):]).parent, "storage")
     hb: dict[str, Any] = {}
     if heartbeat is not None:
         hb = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
@@ -217,8 +213,7 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
 def open_artifact_store(path: Path) -> FileSystemArtifactStore:
     """The study's artifact store: the running trials' checkpoints (private entries, not listed as
     artifacts), shared by the workers; the dashboard serves it for artifacts users attach to trials."""
-    path.mkdir(parents=True, exist_ok=True)
-    return AtomicFileSystemArtifactStore(path)
+    return AtomicFileSystemArtifactStore(made_folder(path, "artifact store"))
 
 
 def load_existing_study(url: str, name: str) -> optuna.Study:

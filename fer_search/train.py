@@ -17,8 +17,7 @@ from torch import nn
 from fer_search.augment import apply_plan, normalize, plan_augmentation
 from fer_search.data import FerData
 from fer_search.errors import UserError
-from fer_search.model import build_model
-from fer_search.space import TrialParams
+from fer_search.model import TrialParams, build_model
 
 EVAL_BATCH = 2048  # validation in a few large batches: one launch sequence, few syncs
 

@@ -27,8 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import load_config
 from fer_search.errors import UserError
+from fer_search.model import BASELINE
 from fer_search.search import trial_seed
-from fer_search.space import BASELINE, optuna_params
+from fer_search.space import optuna_params
 from fer_search.storage import engine_kwargs_for, open_storage
 from pgserver import RESERVED, PgServer, Unavailable, in_ci, start_server, unavailable
 

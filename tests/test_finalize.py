@@ -28,7 +28,7 @@ from fer_search.data import CLASSES
 from fer_search.errors import UserError
 from fer_search.finalize import SeedJob, train_in_processes
 from fer_search.predict import load_model, predict_images
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -48,7 +48,7 @@ def assert_within_contract(out: Path) -> None:
     entries = list(out.iterdir())
     assert len(entries) <= 8, entries
     assert all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in entries), entries
-    assert not [p for p in entries if p.name.endswith(("-wal", "-shm", "-journal", ".part"))]
+    assert not [p for p in entries if p.name.endswith(("-wal", "-shm", "-journal", ".tmp"))]
 
 
 def test_rehearsal_returns_the_shipped_files_within_the_contract(rehearsed: Path) -> None:

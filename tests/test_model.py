@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fer_search.model import Dropout, build_model, count_parameters
-from fer_search.space import BASELINE, TrialParams
+from fer_search.model import BASELINE, TrialParams
 
 BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
 HIDDEN = "Linear BatchNorm1d ReLU"

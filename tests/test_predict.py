@@ -21,7 +21,7 @@ from fer_search.errors import UserError
 from fer_search.config import SpaceConfig
 from fer_search.model import build_model
 from fer_search.predict import compact_state, load_model, predict_images, save_model
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 
 LIMIT = 16 * 2**20  # bytes: the most a model.pt may take, whatever the architecture
 

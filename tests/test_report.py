@@ -24,7 +24,7 @@ from fer_search.errors import UserError
 from fer_search.finalize import REPORTED_BASELINE, aggregate
 from fer_search.metrics import classification_report
 from fer_search.report import SeedRun, write_reports
-from fer_search.space import BASELINE
+from fer_search.model import BASELINE
 
 FILES = ["epoch_accs.json", "recalls_precisions.txt", "confusion.png", "performance.png", "misclassified.png",
          "search_history.png", "param_importances.png", "report.html"]

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from fer_search import search
 from fer_search.cli import main
 from fer_search.config import PrunerConfig
-from fer_search.space import BASELINE, TrialParams
+from fer_search.model import BASELINE, TrialParams
 from fer_search.train import DivergedError
 
 EPOCHS = 16  # a trial long enough that a signal lands mid-trial, after its second checkpoint

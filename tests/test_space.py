@@ -11,10 +11,8 @@ import optuna
 import pytest
 
 from fer_search.config import PATTERNS, FloatRange, SpaceConfig
-from fer_search.model import build_model
-from fer_search.space import (
-    BASELINE, BLOCK_DROPOUTS, TrialParams, optuna_params, params_from_trial, suggest_params, used_dropouts,
-)
+from fer_search.model import BASELINE, BLOCK_DROPOUTS, TrialParams, build_model, used_dropouts
+from fer_search.space import optuna_params, params_from_trial, suggest_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

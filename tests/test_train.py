@@ -23,7 +23,7 @@ from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
 from fer_search.model import build_model
 from fer_search.predict import model_from_state
-from fer_search.space import BASELINE, TrialParams
+from fer_search.model import BASELINE, TrialParams
 from fer_search.train import (
     DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, resolve_device,
     train_model,
