@@ -369,7 +369,7 @@ def env_phase(config: Config, plan: Plan) -> dict[str, Any]:
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, machine and device: what a figure of this run must name."""
     # Imports Optuna: a broken install is then this phase's failure, not the script's.
-    from fer_search.search import package_version, provenance
+    from fer_search.study import package_version, provenance
 
     found = provenance()
     env: dict[str, Any] = {**found["versions"], "git": found["git"], "host": socket.gethostname(),

@@ -136,7 +136,7 @@ class _LiveLines:
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
 def status(study: str | None, storage: str | None, config: Path | None, as_json: bool) -> None:
     """The study at a glance: trials by state, best so far, baseline."""
-    from fer_search.search import study_status
+    from fer_search.status import study_status
     from fer_search.storage import load_existing_study
 
     cfg = _config(config, **{"study.name": study, "study.storage": storage})

@@ -32,7 +32,7 @@ FloatParam = FloatRange | float
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """The search space: what each TrialParams field may take (DESIGN.md, "The search space")."""
+    """The search space: what each TrialParams field may take (ARCHITECTURE.md, "The search")."""
 
     dropout_pattern: tuple[str, ...] = PATTERNS
     dropout_high: FloatParam = FloatRange(0.3, 0.6)

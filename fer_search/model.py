@@ -33,8 +33,8 @@ class TrialParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrialParams:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: d.get(k) for k in names})
+        values: dict[str, Any] = {f.name: d.get(f.name) for f in dataclasses.fields(cls)}
+        return cls(**values)
 
 
 # The documented hand-tuned model ("the baseline"): trial 0 of every study.

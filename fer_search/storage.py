@@ -79,7 +79,7 @@ plugins.register("fer_search_sqlite", __name__, "SQLiteForConcurrency")
 
 
 def engine_kwargs_for(url: str) -> dict[str, Any]:
-    """Engine settings per backend (DESIGN.md, "Reliability")."""
+    """Engine settings per backend (ARCHITECTURE.md, "Reliability")."""
     if url.startswith("sqlite"):
         return {"plugins": ["fer_search_sqlite"]}
     if url.startswith("postgresql"):
@@ -116,7 +116,7 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
             orig = getattr(e, "orig", None)  # psycopg 3 says sqlstate, psycopg2 pgcode
             if INSUFFICIENT_PRIVILEGE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
                 raise UserError(f"storage {redacted(url)}: the database user may not create Optuna's tables "
-                                f"({first_line(orig)}); grant it CREATE on the schema, or make it the "
+                                f"({first_line(orig or e)}); grant it CREATE on the schema, or make it the "
                                 "database's owner") from None
             if attempt == 4:
                 raise UserError(f"storage {redacted(url)}: cannot set up Optuna's tables: "
@@ -160,7 +160,7 @@ def opened_storage(url: str, heartbeat: Heartbeat | None = None) -> Iterator[RDB
 
 
 def _tables_exist(url: str) -> bool:
-    """True when Optuna's tables are there, so later workers skip creating them (DESIGN.md)."""
+    """True when Optuna's tables are there, so later workers skip creating them (a race on PostgreSQL otherwise)."""
     if url.startswith("sqlite"):
         return False  # SQLite's creation race is retried in open_storage; no server to ask
     engine = sqlalchemy.create_engine(url, **engine_kwargs_for(url))

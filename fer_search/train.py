@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import math
 import os
 import time
@@ -56,10 +58,57 @@ class TrainResult:
     model: nn.Module  # the model at its last epoch
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """The whole training state after an epoch: enough to go on exactly as if never stopped.
+
+    Saved and loaded only here, as a dict of tensors and plain values (weights_only loading works);
+    the keys are those checkpoints have always had, so that a trial resumes across an upgrade.
+    """
+
+    params: TrialParams
+    epochs: int
+    # Generator states differ between CPU and CUDA, so a checkpoint resumes only on the device type that wrote it.
+    device_type: str
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    generator: torch.Tensor
+    rng: torch.Tensor  # torch's global generator: dropout draws from it
+    cuda_rng: torch.Tensor | None
+    history: tuple[EpochRecord, ...]
+    best_epoch: int
+    best_val_acc: float
+    best_state: dict[str, torch.Tensor]
+
+    def resumes(self, params: TrialParams, epochs: int, device: torch.device) -> bool:
+        """Whether this checkpoint continues a training of `params` for `epochs` on `device`."""
+        return self.params == params and self.epochs == epochs and self.device_type == device.type
+
+    def to_bytes(self) -> bytes:
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("params", "history")}
+        doc.update(trial_params=self.params.to_dict(), history=[dataclasses.asdict(r) for r in self.history])
+        if self.cuda_rng is None:
+            del doc["cuda_rng"]
+        buffer = io.BytesIO()
+        torch.save(doc, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Checkpoint:
+        """Raises (torch's errors, KeyError, TypeError) on a damaged or foreign file."""
+        doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        return cls(params=TrialParams.from_dict(doc["trial_params"]), epochs=doc["epochs"],
+                   device_type=doc["device_type"], model=doc["model"], optimizer=doc["optimizer"],
+                   scheduler=doc["scheduler"], generator=doc["generator"], rng=doc["rng"],
+                   cuda_rng=doc.get("cuda_rng"), history=tuple(EpochRecord(**r) for r in doc["history"]),
+                   best_epoch=doc["best_epoch"], best_val_acc=doc["best_val_acc"], best_state=doc["best_state"])
+
+
 # Called after every epoch with the epoch's record and a function that returns a checkpoint of
-# the whole training state (built only when asked; it holds the live tensors, so serialise it at
+# the whole training state (built only when asked; it holds the live tensors, so save it at
 # once). It may raise to stop training (the search raises optuna.TrialPruned through it).
-EpochCallback = Callable[[EpochRecord, Callable[[], dict[str, Any]]], None]
+EpochCallback = Callable[[EpochRecord, Callable[[], Checkpoint]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,15 +145,15 @@ def train_model(
     data: FerData,
     settings: TrainSettings,
     on_epoch: EpochCallback | None = None,
-    resume: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
-    """Train `params` on data.train, validating on data.val every epoch."""
+    """Train `params` on data.train, validating on data.val every epoch; from `resume`'s next epoch if given."""
     device = settings.device
     cuda = device.type == "cuda"
     torch.manual_seed(settings.seed)
     # channels_last on the CPU too: the model alone steps 10-20% faster in it here (max-pooling
     # is slow in the default layout); see BENCHMARKS.md.
-    model = build_model(params).to(device, memory_format=torch.channels_last)
+    model = build_model(params).to(device).to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(model, params, cuda)
     scheduler = _make_scheduler(optimizer, params, settings.epochs)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -114,15 +163,15 @@ def train_model(
     history: list[EpochRecord] = []
     best_epoch, best_acc, best_state = 0, -1.0, {}
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["rng"])  # dropout draws from torch's global generator
-        if cuda:
-            torch.cuda.set_rng_state(resume["cuda_rng"], device)
-        history = [EpochRecord(**r) for r in resume["history"]]
-        best_epoch, best_acc, best_state = resume["best_epoch"], resume["best_val_acc"], resume["best_state"]
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.rng)
+        if cuda and resume.cuda_rng is not None:
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        history = list(resume.history)
+        best_epoch, best_acc, best_state = resume.best_epoch, resume.best_val_acc, resume.best_state
 
     for epoch in range(len(history) + 1, settings.epochs + 1):
         start = time.perf_counter()
@@ -143,19 +192,22 @@ def train_model(
             best_epoch, best_acc = epoch, val_acc
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch is not None:
-            def checkpoint() -> dict[str, Any]:
-                return {
-                    # Generator states differ between CPU and CUDA, so a checkpoint resumes only on the
-                    # device type that wrote it: the search compares this before resuming.
-                    "device_type": device.type,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "rng": torch.get_rng_state(), **({"cuda_rng": torch.cuda.get_rng_state(device)} if cuda else {}),
-                    "history": [dataclasses.asdict(r) for r in history],
-                    "best_epoch": best_epoch, "best_val_acc": best_acc, "best_state": best_state,
-                }
-            on_epoch(record, checkpoint)
+            # partial binds this epoch's values now; the state dicts are taken only if the callback asks.
+            on_epoch(record, functools.partial(_checkpoint, params, settings, model, optimizer, scheduler, generator,
+                                               tuple(history), best_epoch, best_acc, best_state))
     return TrainResult(history, best_epoch, best_acc, best_state, model)
+
+
+def _checkpoint(params: TrialParams, settings: TrainSettings, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, generator: torch.Generator, history: tuple[EpochRecord, ...], best_epoch: int,
+                best_acc: float, best_state: dict[str, torch.Tensor]) -> Checkpoint:
+    """The training state as it is now; it holds the live tensors, so save it at once."""
+    device = settings.device
+    return Checkpoint(params=params, epochs=settings.epochs, device_type=device.type, model=model.state_dict(),
+                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      generator=generator.get_state(), rng=torch.get_rng_state(),
+                      cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, history=history,
+                      best_epoch=best_epoch, best_val_acc=best_acc, best_state=best_state)
 
 
 def _make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:

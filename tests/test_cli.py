@@ -170,7 +170,7 @@ def test_several_workers_on_a_missing_gpu_say_so_once_and_create_nothing(config:
 
 def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str]) -> None:
     from fer_search.cli import _LiveLines
-    from fer_search.search import Progress
+    from fer_search.objective import Progress
 
     live = _LiveLines()
     live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
@@ -187,7 +187,7 @@ def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str])
 
 def test_live_lines_print_log_lines_above_them(capsys: pytest.CaptureFixture[str]) -> None:
     from fer_search.cli import _LiveLines
-    from fer_search.search import Progress
+    from fer_search.objective import Progress
 
     live = _LiveLines()
     live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fer_search.config import load_config
 from fer_search.errors import UserError
 from fer_search.model import BASELINE
-from fer_search.search import trial_seed
+from fer_search.objective import trial_seed
 from fer_search.space import optuna_params
 from fer_search.storage import engine_kwargs_for, open_storage
 from pgserver import RESERVED, PgServer, Unavailable, in_ci, start_server, unavailable
@@ -198,7 +198,7 @@ def test_workers_started_together_on_an_empty_database_all_succeed(fleet: FleetR
 @pytest.mark.postgres
 def test_three_workers_finish_the_study_with_the_baseline_once(fleet: FleetRun) -> None:
     trials = fleet.trials
-    # N finished, or up to N + K - 1 when the last K trials were taken together (DESIGN.md, --trials)
+    # N finished, or up to N + K - 1 when the last K trials were taken together (ARCHITECTURE.md, "The search")
     assert FLEET_TRIALS <= len(finished(trials)) <= FLEET_TRIALS + FLEET_WORKERS - 1
     assert [(t.number, t.state.name) for t in trials if t.state not in FINISHED] == [], fleet.workers.logs()
     baselines = [t for t in trials if t.user_attrs.get("baseline")]
@@ -331,7 +331,7 @@ RACER = textwrap.dedent("""\
     import dataclasses, sys, time
     from pathlib import Path
     from fer_search.config import Config
-    from fer_search.search import ensure_study
+    from fer_search.study import ensure_study
     from fer_search.storage import open_storage
 
     url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

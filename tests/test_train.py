@@ -25,7 +25,7 @@ from fer_search.model import build_model
 from fer_search.predict import model_from_state
 from fer_search.model import BASELINE, TrialParams
 from fer_search.train import (
-    DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, resolve_device,
+    Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, resolve_device,
     train_model,
 )
 
@@ -33,8 +33,8 @@ CPU = torch.device("cpu")
 SMALL = dataclasses.replace(BASELINE, batch_size=32, width=0.5)  # the baseline's layout, with its dropouts
 NO_DROPOUT = dataclasses.replace(SMALL, dropout_pattern="none",
                                  dropout_high=None, dropout_low=None, dropout_head=None)
-CHECKPOINT_KEYS = {"device_type", "model", "optimizer", "scheduler", "generator", "history", "best_epoch",
-                   "best_val_acc", "best_state"}
+CHECKPOINT_KEYS = {"trial_params", "epochs", "device_type", "model", "optimizer", "scheduler", "generator", "rng",
+                   "history", "best_epoch", "best_val_acc", "best_state"}
 
 
 class Stop(Exception):
@@ -48,8 +48,8 @@ class Recorded:
     params: TrialParams
     result: TrainResult
     records: list[EpochRecord]
-    saved: bytes  # torch.save of the checkpoint at `save_at`
-    snapshot: dict[str, Any]  # a deep copy of the same checkpoint, taken in the callback
+    saved: bytes  # Checkpoint.to_bytes of the checkpoint at `save_at`, as the search stores it
+    snapshot: Checkpoint  # a deep copy of the same checkpoint, taken in the callback
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,16 +98,10 @@ def train_recording(data: FerData, params: TrialParams, epochs: int, save_at: in
         records.append(record)
         if record.epoch == save_at:
             ckpt = checkpoint()
-            buffer = io.BytesIO()
-            torch.save(ckpt, buffer)
-            saved.update(saved=buffer.getvalue(), snapshot=copy.deepcopy(ckpt))
+            saved.update(saved=ckpt.to_bytes(), snapshot=copy.deepcopy(ckpt))
 
     result = train(data, params, epochs, on_epoch=on_epoch)
     return Recorded(params, result, records, saved["saved"], saved["snapshot"])
-
-
-def load_checkpoint(saved: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
 
 
 # --- one run: history, best epoch, best state ---------------------------------------------------
@@ -230,21 +224,30 @@ def test_callback_gets_each_epochs_record_once(recorded: Recorded) -> None:
 
 
 def test_checkpoint_survives_weights_only_round_trip(recorded: Recorded) -> None:
-    ckpt = load_checkpoint(recorded.saved)
-    assert CHECKPOINT_KEYS <= set(ckpt)
-    assert ckpt["device_type"] == "cpu"  # so that a resume on another device type can refuse it
-    assert "cuda_rng" not in ckpt
-    assert ckpt["history"] == [dataclasses.asdict(recorded.records[0])]
-    assert ckpt["best_epoch"] == 1 and ckpt["best_val_acc"] == recorded.records[0].val_acc
-    assert same_tensors(ckpt["model"], recorded.snapshot["model"])
-    assert same_tensors(ckpt["best_state"], recorded.snapshot["model"])
-    assert torch.equal(ckpt["generator"], recorded.snapshot["generator"])
-    assert ckpt["scheduler"] == recorded.snapshot["scheduler"]
+    doc = torch.load(io.BytesIO(recorded.saved), map_location="cpu", weights_only=True)
+    assert CHECKPOINT_KEYS <= set(doc) and "cuda_rng" not in doc  # the keys checkpoints have always had
+    ckpt = Checkpoint.from_bytes(recorded.saved)
+    assert ckpt.params == recorded.params and ckpt.epochs == 3
+    assert ckpt.device_type == "cpu"  # so that a resume on another device type can refuse it
+    assert ckpt.resumes(recorded.params, 3, CPU) and not ckpt.resumes(recorded.params, 4, CPU)
+    assert not ckpt.resumes(recorded.params, 3, torch.device("cuda"))
+    assert ckpt.cuda_rng is None
+    assert ckpt.history == (recorded.records[0],)
+    assert ckpt.best_epoch == 1 and ckpt.best_val_acc == recorded.records[0].val_acc
+    assert same_tensors(ckpt.model, recorded.snapshot.model)
+    assert same_tensors(ckpt.best_state, recorded.snapshot.model)
+    assert torch.equal(ckpt.generator, recorded.snapshot.generator)
+    assert ckpt.scheduler == recorded.snapshot.scheduler
+
+
+def test_a_damaged_checkpoint_raises(recorded: Recorded) -> None:
+    with pytest.raises(RuntimeError):  # torch.load's error on a truncated file
+        Checkpoint.from_bytes(recorded.saved[: len(recorded.saved) // 2])
 
 
 def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(data: FerData, recorded: Recorded) -> None:
     records: list[EpochRecord] = []
-    resumed = train(data, recorded.params, epochs=3, resume=load_checkpoint(recorded.saved),
+    resumed = train(data, recorded.params, epochs=3, resume=Checkpoint.from_bytes(recorded.saved),
                     on_epoch=lambda record, _checkpoint: records.append(record))
     assert [r.epoch for r in records] == [2, 3]
     assert curve(resumed.history) == curve(recorded.result.history)

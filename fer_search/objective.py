@@ -1,0 +1,218 @@
+"""One trial: train it, report each epoch, checkpoint it, prune it, resume it from the checkpoint it inherits."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+from fer_search.config import Config
+from fer_search.data import FerData
+from fer_search.errors import first_line
+from fer_search.files import seed_of
+from fer_search.model import TrialParams
+from fer_search.space import suggest_params
+from fer_search.status import best_value
+from fer_search.storage import open_artifact_store
+from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainSettings, train_model
+
+log = logging.getLogger("fer_search")
+# User attribute: the number of the trial whose objective started (set first thing in it).
+STARTED = "started_as"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One event for the live display: a trial's epoch ended, or the trial ended."""
+
+    worker: int
+    trial: int
+    epoch: int
+    epochs: int
+    val_acc: float
+    best: float | None
+    state: str = "RUNNING"  # or the finished trial's state name
+
+
+# Gets each Progress event, and the log lines to show above the live progress lines (str).
+ProgressFn = Callable[[Progress | str], None]
+
+
+def trial_seed(base_seed: int, number: int) -> int:
+    return seed_of(f"{base_seed}/trial/{number}")
+
+
+class OutOfMemory(RuntimeError):
+    """A trial ran out of (GPU) memory: it fails, and its worker goes on to the next trial."""
+
+
+class Objective:
+    """Train one trial: report every epoch's validation accuracy, checkpoint, prune."""
+
+    def __init__(self, config: Config, data: FerData, device: torch.device, worker: int,
+                 progress: ProgressFn | None) -> None:
+        self.config = config
+        self.data = data
+        self.device = device
+        self.worker = worker
+        self.progress = progress
+        self.store = open_artifact_store(config.study.artifacts)
+        self.current: int | None = None  # the running trial's number, for Ctrl-C
+        self.failed_elsewhere = False  # the storage refused an update: another worker failed the trial
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.current, self.failed_elsewhere = trial.number, False
+        try:
+            return self._train(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.failed_elsewhere = True
+            raise
+
+    def _train(self, trial: optuna.Trial) -> float:
+        # First of all: retries copy user attributes, so a RUNNING trial whose STARTED is not its
+        # own number never got here (its worker died between ask and objective; see OrphanWatch).
+        trial.set_user_attr(STARTED, trial.number)
+        params = suggest_params(trial, self.config.space)
+        seed = int(trial.user_attrs.get("seed", trial_seed(self.config.run.seed, trial.number)))
+        for key, value in {"seed": seed, "trial_params": params.to_dict(), "device": str(self.device)}.items():
+            trial.set_user_attr(key, value)
+        inherited = inherited_checkpoints(trial)
+        resume = self._latest_checkpoint(trial, params, inherited)
+        trial.set_user_attr("resumed_at_epoch", 1 if resume is None else len(resume.history) + 1)
+        for r in resume.history if resume is not None else ():  # its curve is the one it trained, resumed or not
+            trial.report(r.val_acc, r.epoch)
+        state = _TrialState(trial, self, params, time.monotonic(), inherited)
+        settings = TrainSettings(epochs=self.config.run.epochs, seed=seed, device=self.device)
+        try:
+            result = train_model(params, self.data, settings, on_epoch=state.on_epoch, resume=resume)
+        except DivergedError as e:
+            trial.set_user_attr("fail_reason", f"diverged: {e}")
+            state.drop_checkpoint()
+            raise optuna.TrialPruned(str(e)) from None
+        except optuna.TrialPruned:
+            state.drop_checkpoint()
+            raise
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            trial.set_user_attr("fail_reason", f"out of memory: {first_line(e)}")
+            state.drop_checkpoint()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the memory back to the trials sharing this GPU
+            raise OutOfMemory(first_line(e)) from None
+        finally:
+            state.record_attrs()
+        state.drop_checkpoint()
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        return result.best_val_acc
+
+    def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams,
+                           inherited: list[str]) -> Checkpoint | None:
+        """The newest loadable checkpoint among `inherited` (newest first); None = epoch 1."""
+        for artifact_id in inherited:
+            try:
+                with self.store.open_reader(artifact_id) as f:
+                    ckpt = Checkpoint.from_bytes(f.read())
+            except Exception as e:  # missing, truncated or foreign: an older one, or start over; never crash
+                log.warning("trial %d: checkpoint %s unusable (%s); trying an older one", trial.number, artifact_id,
+                            type(e).__name__)
+                continue
+            if ckpt.resumes(params, self.config.run.epochs, self.device):
+                log.info("trial %d resumes from epoch %d", trial.number, len(ckpt.history))
+                return ckpt
+        if inherited:
+            log.warning("trial %d: no usable checkpoint, starting from epoch 1", trial.number)
+        return None
+
+
+def inherited_checkpoints(trial: optuna.Trial) -> list[str]:
+    """Artifact ids of the checkpoints a trial may resume from, newest first: the one its user
+    attributes point at (a Ctrl-C requeue or a retry copies them), then those of the trials it retries."""
+    trials = {t.number: t for t in trial.study.get_trials(deepcopy=False)}
+    me = trials[trial.number]
+    chain = [me] + [trials[n] for n in reversed(RetryHeartbeatStaleTrialCallback.retry_history(me)) if n in trials]
+    return [a for a in dict.fromkeys(t.user_attrs.get("checkpoint") for t in chain) if a is not None]
+
+
+class _TrialState:
+    """Per-trial bookkeeping behind the epoch callback."""
+
+    def __init__(self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float,
+                 inherited: list[str]) -> None:
+        self.trial, self.objective, self.params, self.started = trial, objective, params, started
+        self.inherited = inherited  # checkpoints of the trials this one continues
+        self.records: list[EpochRecord] = []
+        self.artifact_id: str | None = None
+        self.last_checkpoint = started
+        self.best_before = best_value(trial.study)
+
+    def on_epoch(self, record: EpochRecord, checkpoint: Callable[[], Checkpoint]) -> None:
+        self.records.append(record)
+        trial, config = self.trial, self.objective.config
+        # Checkpoint before reporting, so that whoever sees an epoch in the study (a rescuing
+        # worker, the dashboard, a test) never finds an older checkpoint than it expects.
+        if record.epoch < config.run.epochs and time.monotonic() - self.last_checkpoint >= config.run.checkpoint_every_s:
+            self._save(checkpoint(), record.epoch)
+        trial.report(record.val_acc, record.epoch)
+        if self.objective.progress:
+            self.objective.progress(Progress(self.objective.worker, trial.number, record.epoch, config.run.epochs,
+                                             record.val_acc, self.best_before))
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
+
+    def _save(self, ckpt: Checkpoint, epoch: int) -> None:
+        buffer = io.BytesIO(ckpt.to_bytes())
+        if self.artifact_id is None:
+            # A plain entry of the artifact store, not an uploaded artifact: it is the trial's
+            # private state, removed when the trial ends, and an uploaded artifact's record
+            # cannot be taken off a finished trial (the dashboard would list a dead link).
+            self.artifact_id = str(uuid.uuid4())
+        try:
+            self.objective.store.write(self.artifact_id, buffer)  # keeps only the latest
+        except OSError as e:  # a full disk costs the trial its resumability, not its life
+            log.warning("trial %d: cannot write its checkpoint (%s); training on without one",
+                        self.trial.number, first_line(e))
+            return
+        if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
+            self.trial.set_user_attr("checkpoint", self.artifact_id)
+        self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
+        self.last_checkpoint = time.monotonic()
+        self._remove(self.inherited)  # older than this trial's own, which a requeue or retry now finds
+        self.inherited = []
+
+    def drop_checkpoint(self) -> None:
+        """Remove the checkpoints of a trial that ended for good (finished, pruned, out of memory):
+        nothing will resume it, and a study of many trials would otherwise fill the disk."""
+        self._remove([*self.inherited, *([self.artifact_id] if self.artifact_id else [])])
+        if self.trial.user_attrs.get("checkpoint") is not None:
+            self.trial.set_user_attr("checkpoint", None)
+            self.trial.set_user_attr("checkpoint_epoch", None)
+
+    def _remove(self, artifact_ids: list[str]) -> None:
+        for artifact_id in artifact_ids:
+            try:
+                self.objective.store.remove(artifact_id)
+            except (ArtifactNotFound, OSError):
+                pass  # already gone (another worker's copy of the chain): nothing to free
+
+    def record_attrs(self) -> None:
+        seconds = time.monotonic() - self.started
+        rates = [r.images_per_s for r in self.records]
+        self.trial.set_user_attr("epochs_run", self.records[-1].epoch if self.records else 0)
+        self.trial.set_user_attr("seconds", round(seconds, 3))
+        if rates:
+            self.trial.set_user_attr("images_per_s", round(sum(rates) / len(rates), 1))
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    """CUDA's own out-of-memory error, or cuDNN's and cuBLAS's failed allocations."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        marker in str(error) for marker in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
