@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from fer_search.augment import MEAN, STD
-from fer_search.data import decode_image
 from fer_search.errors import UserError
 from fer_search.files import write_file
 from fer_search.model import TrialParams, build_model
+from fer_search.sources import decode_image
 from fer_search.train import logits_for
 
 FORMAT = "fer-search-model/1"
