@@ -5,32 +5,38 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import multiprocessing
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 
 from fer_search.config import Config
-from fer_search.data import CLASSES, FerData, load_configured
-from fer_search.errors import UserError, configure_logging, first_line
-from fer_search.metrics import classification_report
+from fer_search.data import CLASSES, FerData, SplitData, load_configured
+from fer_search.errors import UserError
 from fer_search.files import made_folder, sha256_json, write_file
-from fer_search.predict import compact_state, model_from_state, probabilities, save_model
-from fer_search.report import SeedRun, write_reports
-from fer_search.search import provenance, stop_processes
+from fer_search.metrics import classification_report
 from fer_search.model import BASELINE, TrialParams
+from fer_search.predict import compact_state, model_from_state, probabilities, save_model
+from fer_search.processes import INTERRUPTED, USER_ERROR, ChildError, run_child, spawn_context, stop_processes
+from fer_search.report import summary_text, write_reports
+from fer_search.results import (
+    REPORTED_BASELINE,
+    BestTrial,
+    Commands,
+    DataRecord,
+    FinalMetrics,
+    Protocol,
+    SeedRun,
+    aggregate,
+)
 from fer_search.space import params_from_trial
 from fer_search.storage import load_existing_study
+from fer_search.study import provenance
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
-
-REPORTED_BASELINE = 0.61356  # the documented project's figure, measured on a split that is not this test folder
 
 # The resume files' weights, part of their key: files from before model.pt stored float16 weights
 # hold float32 ones, whose test metrics are not those of the weights finalize would ship.
@@ -59,7 +65,7 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     `command` is the command line of this finalize, recorded so that the report says how to reproduce it.
     """
     study = load_existing_study(config.study.storage, config.study.name)
-    best = best_complete_trial(study)
+    best = best_trial_of(study)
     device = resolve_device(config.run.device)
     # Checked before any data is decoded or seed trained: a bad --out must not cost a training run.
     out = made_folder(config.final_dir, "output")
@@ -73,36 +79,29 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     data = load_configured(config.data, with_test=True)
     epochs = config.finalize.epochs or int(study.user_attrs.get("epochs", config.run.epochs))
     seeds = [config.run.seed + i for i in range(config.finalize.seeds)]
-    best_params = params_from_trial(best.user_attrs)
-    if best_params == BASELINE and config.finalize.baseline:
+    if best.params == BASELINE and config.finalize.baseline:
         say("the best trial is the baseline: each seed is trained once and reported for both")
-    jobs = seed_jobs(best_params, seeds, config.finalize.baseline)
+    jobs = seed_jobs(best.params, seeds, config.finalize.baseline)
     runs = dict(zip(jobs, retrain(jobs, config, data, epochs, device, runs_dir, say)))
-    best_runs = [runs[SeedJob("best", best_params, seed)] for seed in seeds]
-    baseline_runs = baseline_runs_of(runs, best_params, seeds) if config.finalize.baseline else []
+    best_runs = [runs[SeedJob("best", best.params, seed)] for seed in seeds]
+    baseline_runs = baseline_runs_of(runs, best.params, seeds) if config.finalize.baseline else []
     shipped, shipped_state = max(best_runs, key=lambda rs: (rs[0].val_acc, -rs[0].seed))
     meta = {"study": study.study_name, "trial": best.number, "seed": shipped.seed, "best_epoch": shipped.best_epoch,
             "fingerprints": data.fingerprints}
-    save_model(out / "model.pt", shipped_state, best_params, CLASSES, meta)
-    metrics = {
-        "shipped_seed": shipped.seed, "epochs": epochs, "seeds": seeds,
-        "best_trial": {"number": best.number, "value": best.value, "params": best_params.to_dict()},
-        "best": aggregate([r for r, _ in best_runs]),
-        "baseline": aggregate([r for r, _ in baseline_runs]) if baseline_runs else None,
-        "baseline_reported": {"accuracy": REPORTED_BASELINE, "note": "reported by the documented project, on its own split"},
-        "protocol": {"train": "Training", "val": "PublicTest" if data.val_is_public_test else "10% of train",
-                     "test": "PrivateTest" if data.val_is_public_test else "test/",
-                     "test_all": "PublicTest + PrivateTest (includes the validation split)" if data.val_is_public_test
-                     else "test/ (same as test)"},
-        "data": {"path": str(config.data.path), "fingerprints": data.fingerprints},
-        # "run" is None for a study created before `run` recorded its command line.
-        "commands": {"run": study.user_attrs.get("command"), "finalize": command},
-        **provenance(),
-    }
-    write_file(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    save_model(out / "model.pt", shipped_state, best.params, CLASSES, meta)
+    metrics = FinalMetrics(
+        shipped_seed=shipped.seed, epochs=epochs, seeds=seeds, best_trial=best,
+        best=aggregate([r for r, _ in best_runs]),
+        baseline=aggregate([r for r, _ in baseline_runs]) if baseline_runs else None,
+        baseline_reported=REPORTED_BASELINE, protocol=Protocol.of(data.val_is_public_test),
+        data=DataRecord(str(config.data.path), data.fingerprints),
+        commands=Commands(run=study.user_attrs.get("command"), finalize=command), **provenance(),
+    )
+    write_file(out / "metrics.json", metrics.to_json().encode())
     baseline_same_seed = next((r for r, _ in baseline_runs if r.seed == shipped.seed), None)
-    written = write_reports(out, metrics, shipped, baseline_same_seed, data.test.x[:, 0].numpy(),
-                            data.test.y.numpy(), CLASSES, study)
+    test = _test_split(data)
+    written = write_reports(out, metrics, shipped, baseline_same_seed, test.x[:, 0].numpy(), test.y.numpy(), CLASSES,
+                            study)
     return summary_text(metrics, out, [out / "model.pt", out / "metrics.json", *written])
 
 
@@ -111,11 +110,19 @@ def resume_dir(config: Config) -> Path:
     return config.study.dir / config.study.name / "finalize-runs"
 
 
-def best_complete_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+def best_trial_of(study: optuna.Study) -> BestTrial:
     try:
-        return study.best_trial
+        trial = study.best_trial
     except ValueError:
         raise UserError(f"study {study.study_name!r} has no complete trial yet: run `fer-search run` first") from None
+    assert trial.value is not None  # the best trial is a complete one
+    return BestTrial(trial.number, trial.value, params_from_trial(trial.user_attrs))
+
+
+def _test_split(data: FerData) -> SplitData:
+    """The test split, which finalize always loads (with_test=True)."""
+    assert data.test is not None
+    return data.test
 
 
 def check_same_data(study: optuna.Study, data: FerData, path: Path) -> None:
@@ -193,7 +200,7 @@ def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, run
     else:
         say(f"{job.label}: trained by an interrupted finalize; evaluating it")
     run = _evaluated_run(job, trained, data)
-    _save_doc(path, {"key": key, "run": json.dumps(dataclasses.asdict(run)), "state": trained["state"]})
+    _save_doc(path, {"key": key, "run": run.to_json(), "state": trained["state"]})
     trained_path.unlink(missing_ok=True)
     return run, trained["state"]
 
@@ -213,15 +220,16 @@ def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> Seed
     """The trained seed evaluated on the test splits as predict evaluates (float32 on the CPU), on
     exactly the rounded weights, so that the metrics are those of the shipped file."""
     model = model_from_state(job.params, trained["state"], len(CLASSES))
-    private_probs = probabilities(model, data.test.x)
-    all_pred, all_y = private_probs.argmax(1), data.test.y
+    test = _test_split(data)
+    private_probs = probabilities(model, test.x)
+    all_pred, all_y = private_probs.argmax(1), test.y
     if data.val_is_public_test:  # Public + Private: PrivateTest's predictions are at hand (the CPU pass is slow)
         all_pred = torch.cat([probabilities(model, data.val.x).argmax(1), all_pred])
-        all_y = torch.cat([data.val.y, data.test.y])
+        all_y = torch.cat([data.val.y, test.y])
     return SeedRun(
         kind=job.kind, seed=job.seed, best_epoch=trained["best_epoch"], val_acc=trained["val_acc"],
         history=json.loads(trained["history"]),
-        private_test=classification_report(data.test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
+        private_test=classification_report(test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
         test_all=classification_report(all_y.numpy(), all_pred.numpy(), CLASSES),
         test_pred=private_probs.argmax(1).tolist(), test_conf=private_probs.max(1).values.tolist(),
     )
@@ -235,7 +243,7 @@ def _save_doc(path: Path, doc: dict[str, Any]) -> None:
 
 def _load_run(path: Path, key: dict[str, Any]) -> RunAndState | None:
     doc = _load_doc(path, key)
-    return None if doc is None else (SeedRun(**json.loads(doc["run"])), doc["state"])
+    return None if doc is None else (SeedRun.from_json(doc["run"]), doc["state"])
 
 
 def _load_doc(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -251,17 +259,6 @@ def _load_doc(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 # --- finalize.jobs > 1: seed runs in processes of their own ---------------------------------
 
-INTERRUPTED = 130  # a seed process's exit code after Ctrl-C, as the CLI's
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A seed process's error, sent to the parent, which tells it once."""
-
-    label: str
-    message: str
-
-
 def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_dir: Path, say: Say) -> None:
     """Train `jobs` in config.finalize.jobs processes at once, sharing the device; each writes its resume file.
 
@@ -269,7 +266,7 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
     RuntimeError, after the others are stopped; Ctrl-C stops them all, and finished seeds stay in
     their resume files.
     """
-    ctx = multiprocessing.get_context("spawn")  # processes, not threads: the GIL; spawn: CUDA-safe
+    ctx = spawn_context()
     queue = ctx.SimpleQueue()
     waiting = list(jobs)
     running: dict[SeedJob, Any] = {}
@@ -286,7 +283,7 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
                 code = running.pop(job).exitcode
                 if code == INTERRUPTED:
                     raise KeyboardInterrupt
-                if code == 2:
+                if code == USER_ERROR:
                     raise UserError(f"{job.label}: {failures.get(job.label, 'failed')}")
                 if code != 0:
                     reason = failures.get(job.label, f"its process ended with exit code {code}")
@@ -304,7 +301,7 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
 def _drain(queue: Any, say: Say, failures: dict[str, str]) -> None:
     while not queue.empty():
         message = queue.get()
-        if isinstance(message, _Failed):
+        if isinstance(message, ChildError):
             failures[message.label] = message.message
         else:
             say(message)
@@ -317,63 +314,10 @@ def _stop(procs: list[Any], queue: Any, say: Say, grace_s: float) -> None:
 
 def _seed_process(config: Config, job: SeedJob, epochs: int, runs_dir: Path, queue: Any) -> None:
     """Entry point of one seed run's process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
-    configure_logging()
-    try:
+    def work() -> None:
         configure_cpu_threads(config.finalize.jobs)  # the cores are shared among the processes
         data = load_configured(config.data, with_test=True)  # from the cache the parent has warmed
         seed_run(job, epochs, data, resolve_device(config.run.device), runs_dir, queue.put)
-    except UserError as e:
-        queue.put(_Failed(job.label, str(e)))
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(INTERRUPTED)
-    except Exception as e:
-        queue.put(_Failed(job.label, f"{type(e).__name__}: {first_line(e)}"))
-        raise  # its traceback on stderr, exit 1
 
+    run_child(job.label, queue, work)
 
-def aggregate(runs: list[SeedRun]) -> dict[str, Any]:
-    """Per seed, and mean / standard deviation (ddof 1; None for one seed) over seeds, elementwise for matrices."""
-    per_seed = {str(r.seed): {"val_acc": r.val_acc, "best_epoch": r.best_epoch,
-                              "private_test": r.private_test, "test_all": r.test_all} for r in runs}
-    mean = {split: _over_seeds([getattr(r, split) for r in runs], lambda v: np.mean(v, axis=0))
-            for split in ("private_test", "test_all")}
-    std = None
-    if len(runs) > 1:
-        std = {split: _over_seeds([getattr(r, split) for r in runs], lambda v: np.std(v, axis=0, ddof=1))
-               for split in ("private_test", "test_all")}
-    return {"per_seed": per_seed, "mean": mean, "std": std}
-
-
-def _over_seeds(reports: list[dict[str, Any]], stat: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
-    """`stat` over the seeds' axis 0 of each figure of classification_report (support and n are the same for all)."""
-    def over(values: list[Any]) -> Any:
-        return np.asarray(stat(np.asarray(values, dtype=float))).tolist()
-
-    return {
-        "accuracy": over([r["accuracy"] for r in reports]),
-        "macro_f1": over([r["macro_f1"] for r in reports]),
-        "per_class": {c: {m: over([r["per_class"][c][m] for r in reports]) for m in ("precision", "recall", "f1")}
-                      for c in reports[0]["per_class"]},
-        "confusion": over([r["confusion"] for r in reports]),
-    }
-
-
-def summary_text(metrics: dict[str, Any], out: Path, files: list[Path]) -> str:
-    def line(name: str, agg: dict[str, Any] | None) -> str:
-        if agg is None:
-            return f"{name}: not retrained (--no-baseline)"
-        parts = []
-        for split in ("private_test", "test_all"):
-            m = agg["mean"][split]["accuracy"]
-            s = "" if agg["std"] is None else f" ± {agg['std'][split]['accuracy']:.4f}"
-            parts.append(f"{split} {m:.4f}{s}")
-        seeds = len(agg["per_seed"])
-        return f"{name}: " + ", ".join(parts) + f" ({seeds} seed{'' if seeds == 1 else 's'})"
-
-    bt = metrics["best_trial"]
-    return "\n".join([
-        line(f"best trial {bt['number']} (val {bt['value']:.4f})", metrics["best"]),
-        line("baseline", metrics["baseline"]),
-        f"shipped seed {metrics['shipped_seed']}; wrote {len(files)} files to {out}",
-    ])

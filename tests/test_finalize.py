@@ -21,14 +21,16 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from test_results import METRICS_KEYS
 
 from fer_search.cli import main
 from fer_search.config import load_config
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
 from fer_search.finalize import SeedJob, train_in_processes
-from fer_search.predict import load_model, predict_images
 from fer_search.model import BASELINE
+from fer_search.predict import load_model, predict_images
+from fer_search.results import FinalMetrics, SeedRun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,11 +64,11 @@ def searched(folder: Path, tiny_fer: Path, toml: str = "") -> Path:
 
 def best_is_baseline(folder: Path) -> bool:
     """Whether trial 0 won the study (the samplers are seeded with the host name): its seeds then train once."""
-    return metrics_of(final_dir(folder))["best_trial"]["params"] == BASELINE.to_dict()
+    return metrics_of(final_dir(folder)).best_trial.params == BASELINE
 
 
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+def metrics_of(out: Path) -> FinalMetrics:
+    return FinalMetrics.from_json((out / "metrics.json").read_text())
 
 
 def trained(result: Result) -> list[str]:
@@ -90,32 +92,37 @@ def test_writes_every_file_and_nothing_else(finalized: Path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_metrics_json_is_its_record_with_every_key_in_order(finalized: Path) -> None:
+    text = (final_dir(finalized) / "metrics.json").read_text()
+    assert list(json.loads(text)) == METRICS_KEYS
+    assert FinalMetrics.from_json(text).to_json() == text  # read and written back byte for byte
+
+
 def test_metrics_hold_best_and_baseline_per_seed_and_aggregated(finalized: Path) -> None:
-    m = json.loads((final_dir(finalized) / "metrics.json").read_text())
+    m = metrics_of(final_dir(finalized))
     study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{finalized}/studies/fer2013.db")
-    assert m["best_trial"]["number"] == study.best_trial.number and m["best_trial"]["value"] == study.best_value
-    assert m["seeds"] == [0, 1] and m["shipped_seed"] in (0, 1) and m["epochs"] == 2
-    for kind in ("best", "baseline"):
-        agg = m[kind]
-        assert set(agg["per_seed"]) == {"0", "1"}
-        for run in agg["per_seed"].values():
-            assert run["private_test"]["n"] == 28 and run["test_all"]["n"] == 56  # 4 + 4 per class, 7 classes
-            assert set(run["private_test"]["per_class"]) == set(CLASSES)
-            assert len(run["private_test"]["confusion"]) == 7
-        accs = [r["private_test"]["accuracy"] for r in agg["per_seed"].values()]
-        assert agg["mean"]["private_test"]["accuracy"] == pytest.approx(sum(accs) / 2)
-        assert agg["std"]["private_test"]["accuracy"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
-        confusions = np.array([r["private_test"]["confusion"] for r in agg["per_seed"].values()])
-        assert np.allclose(agg["mean"]["private_test"]["confusion"], confusions.mean(axis=0))
-        assert np.allclose(agg["std"]["test_all"]["confusion"],
-                           np.array([r["test_all"]["confusion"] for r in agg["per_seed"].values()]).std(axis=0, ddof=1))
-    shipped = m["best"]["per_seed"][str(m["shipped_seed"])]
-    assert shipped["val_acc"] == max(r["val_acc"] for r in m["best"]["per_seed"].values())
+    assert m.best_trial.number == study.best_trial.number and m.best_trial.value == study.best_value
+    assert m.seeds == [0, 1] and m.shipped_seed in (0, 1) and m.epochs == 2
+    for agg in (m.best, m.baseline):
+        assert agg is not None and agg.std is not None and set(agg.per_seed) == {"0", "1"}
+        for run in agg.per_seed.values():
+            assert run.private_test.n == 28 and run.test_all.n == 56  # 4 + 4 per class, 7 classes
+            assert set(run.private_test.per_class) == set(CLASSES)
+            assert len(run.private_test.confusion) == 7
+        accs = [r.private_test.accuracy for r in agg.per_seed.values()]
+        assert agg.mean.private_test.accuracy == pytest.approx(sum(accs) / 2)
+        assert agg.std.private_test.accuracy == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        confusions = np.array([r.private_test.confusion for r in agg.per_seed.values()])
+        assert np.allclose(agg.mean.private_test.confusion, confusions.mean(axis=0))
+        assert np.allclose(agg.std.test_all.confusion,
+                           np.array([r.test_all.confusion for r in agg.per_seed.values()]).std(axis=0, ddof=1))
+    shipped = m.best.per_seed[str(m.shipped_seed)]
+    assert shipped.val_acc == max(r.val_acc for r in m.best.per_seed.values())
 
 
 def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, tiny_fer: Path) -> None:
     """An honest cross-check: predict, run as a user would, scores exactly what metrics.json says."""
-    m = json.loads((final_dir(finalized) / "metrics.json").read_text())
+    m = metrics_of(final_dir(finalized))
     images = sorted(tiny_fer.glob("test/*/PrivateTest_*.jpg"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-m", "fer_search", "predict", "--config", str(finalized / "search.toml"),
@@ -123,17 +130,17 @@ def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, t
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(images)
     correct = sum(line["label"] == Path(line["path"]).parent.name for line in lines)
-    assert correct / len(images) == m["best"]["per_seed"][str(m["shipped_seed"])]["private_test"]["accuracy"]
+    assert correct / len(images) == m.best.per_seed[str(m.shipped_seed)].private_test.accuracy
 
 
 def test_metrics_and_page_give_the_commands(finalized: Path) -> None:
-    m = json.loads((final_dir(finalized) / "metrics.json").read_text())
-    assert m["commands"]["finalize"].startswith(
+    commands = metrics_of(final_dir(finalized)).commands
+    assert commands.finalize.startswith(
         shlex.join(["fer-search", "finalize", "--config", str(finalized / "search.toml"), "--seeds", "2"]))
     page = (final_dir(finalized) / "report.html").read_text()
-    assert html.escape(m["commands"]["finalize"], quote=True) in page
-    assert m["commands"]["run"].startswith("fer-search run --trials 3 ")  # recorded by the `run` that created the study
-    assert html.escape(m["commands"]["run"], quote=True) in page
+    assert html.escape(commands.finalize, quote=True) in page
+    assert commands.run is not None and commands.run.startswith("fer-search run --trials 3 ")  # recorded by `run`
+    assert html.escape(commands.run, quote=True) in page
 
 
 def test_the_finalize_command_hides_a_storage_password(finalized: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,12 +159,11 @@ def test_rerun_reuses_finished_seeds(finalized: Path) -> None:
     kinds_and_seeds = {r.name.rsplit("-", 1)[0] for r in resume_dir(finalized).glob("*.pt")}
     kinds = ("best",) if best_is_baseline(finalized) else ("best", "baseline")
     assert {f"{kind}-seed{seed}" for kind in kinds for seed in (0, 1)} <= kinds_and_seeds
-    before = (final_dir(finalized) / "metrics.json").read_text()
+    before = metrics_of(final_dir(finalized))
     result = finalize(finalized, "--seeds", "2")
     assert result.exit_code == 0
     assert result.stderr.count("reusing the finished run") == 2 * len(kinds)
-    after = json.loads((final_dir(finalized) / "metrics.json").read_text())
-    assert after["best"] == json.loads(before)["best"]
+    assert metrics_of(final_dir(finalized)).best == before.best
 
 
 def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path, tmp_path: Path) -> None:
@@ -169,8 +175,9 @@ def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path,
     assert result.stderr.count("reusing the finished run") == (1 if best_is_baseline(folder) else 3)
     trained = {line.split(": epoch")[0] for line in result.stderr.splitlines() if ": epoch " in line}
     assert trained == {"best seed 1"}
-    m = json.loads((final_dir(folder) / "metrics.json").read_text())
-    assert set(m["best"]["per_seed"]) == set(m["baseline"]["per_seed"]) == {"0", "1"} and m["best"]["std"] is not None
+    m = metrics_of(final_dir(folder))
+    assert m.baseline is not None and set(m.best.per_seed) == set(m.baseline.per_seed) == {"0", "1"}
+    assert m.best.std is not None
     assert len(list(resume_dir(folder).glob("best-seed1-*.pt"))) == 1
 
 
@@ -193,15 +200,15 @@ def test_a_finalize_interrupted_while_evaluating_keeps_the_training(finalized: P
     assert result.exit_code == 0, result.output
     assert trained(result) == [] and "best seed 1: trained by an interrupted finalize" in result.stderr
     assert not list(resume_dir(folder).glob("*.trained.pt"))  # the finished run replaced it
-    assert metrics_of(final_dir(folder))["best"]["per_seed"] == metrics_of(final_dir(finalized))["best"]["per_seed"]
+    assert metrics_of(final_dir(folder)).best.per_seed == metrics_of(final_dir(finalized)).best.per_seed
 
 
 def test_no_baseline_and_out(finalized: Path, tmp_path: Path) -> None:
     before = set(resume_dir(finalized).iterdir())
     result = finalize(finalized, "--seeds", "1", "--no-baseline", "--out", str(tmp_path / "out"), "--epochs", "1")
     assert result.exit_code == 0, result.output
-    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert m["baseline"] is None and m["best"]["std"] is None and m["epochs"] == 1
+    m = metrics_of(tmp_path / "out")
+    assert m.baseline is None and m.best.std is None and m.epochs == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)
     new = set(resume_dir(finalized).iterdir()) - before  # --out moves the outputs, not the resume files
     assert [p.name.rsplit("-", 1)[0] for p in new] == ["best-seed0"]
@@ -239,11 +246,16 @@ def test_a_missing_data_path_names_the_one_the_study_was_searched_on(finalized: 
 
 def test_resume_files_hold_the_weights_model_pt_ships(finalized: Path) -> None:
     m = metrics_of(final_dir(finalized))
-    docs = [torch.load(p, weights_only=True) for p in resume_dir(finalized).glob(f"best-seed{m['shipped_seed']}-*.pt")]
-    [resumed] = [d["state"] for d in docs if d["key"]["epochs"] == m["epochs"]]
+    docs = [torch.load(p, weights_only=True) for p in resume_dir(finalized).glob(f"best-seed{m.shipped_seed}-*.pt")]
+    [doc] = [d for d in docs if d["key"]["epochs"] == m.epochs]
+    resumed = doc["state"]
     shipped = torch.load(final_dir(finalized) / "model.pt", weights_only=True)["state_dict"]
     assert list(resumed) == list(shipped)
     assert all(resumed[k].dtype == shipped[k].dtype and torch.equal(resumed[k], shipped[k]) for k in shipped)
+    run = SeedRun.from_json(doc["run"])  # and the run the metrics report
+    figures = m.best.per_seed[str(m.shipped_seed)]
+    assert (run.seed, run.val_acc, run.private_test, run.test_all) == (m.shipped_seed, figures.val_acc,
+                                                                      figures.private_test, figures.test_all)
 
 
 def test_the_largest_architecture_ships_in_16_mib_and_predict_scores_its_metrics(tmp_path: Path) -> None:
@@ -261,11 +273,11 @@ def test_the_largest_architecture_ships_in_16_mib_and_predict_scores_its_metrics
     truth = [CLASSES.index(p.parent.name) for p in images]
     predicted = [CLASSES.index(p.label) for p in predict_images(loaded, images)]
     m = metrics_of(final_dir(folder))
-    shipped = m["best"]["per_seed"][str(m["shipped_seed"])]["private_test"]
-    assert sum(t == q for t, q in zip(truth, predicted)) / len(images) == shipped["accuracy"]
+    shipped = m.best.per_seed[str(m.shipped_seed)].private_test
+    assert sum(t == q for t, q in zip(truth, predicted)) / len(images) == shipped.accuracy
     confusion = np.zeros((7, 7), dtype=int)
     np.add.at(confusion, (truth, predicted), 1)
-    assert confusion.tolist() == shipped["confusion"]  # not only as many right: the same answers
+    assert confusion.tolist() == shipped.confusion  # not only as many right: the same answers
 
 
 @contextmanager
@@ -291,8 +303,8 @@ def test_jobs_2_gives_the_seeds_jobs_1_gives(finalized: Path, tmp_path: Path) ->
                                      "--out", str(tmp_path / jobs))
             assert results[jobs].exit_code == 0, results[jobs].output
     one, two = metrics_of(tmp_path / "1"), metrics_of(tmp_path / "2")
-    assert one["best"]["per_seed"] == two["best"]["per_seed"]  # val_acc, best epoch, every test figure
-    assert one["baseline"]["per_seed"] == two["baseline"]["per_seed"]
+    assert one.best.per_seed == two.best.per_seed  # val_acc, best epoch, every test figure
+    assert one.baseline == two.baseline
     assert sorted(trained(results["1"])) == sorted(trained(results["2"]))  # every epoch line came through
     assert len(trained(results["2"])) == len(list(resume_dir(folder).glob("*.pt")))  # one epoch each
 
@@ -304,8 +316,8 @@ def test_when_the_best_trial_is_the_baseline_each_seed_trains_once(tmp_path: Pat
     assert trained(result) == ["best seed 0", "best seed 1"]  # one epoch each
     assert sorted(p.name.rsplit("-", 1)[0] for p in resume_dir(folder).glob("*.pt")) == ["best-seed0", "best-seed1"]
     m = metrics_of(final_dir(folder))
-    assert m["best_trial"]["number"] == 0 and m["best_trial"]["params"] == BASELINE.to_dict()
-    assert m["baseline"] == m["best"] and set(m["best"]["per_seed"]) == {"0", "1"}
+    assert m.best_trial.number == 0 and m.best_trial.params == BASELINE
+    assert m.baseline == m.best and set(m.best.per_seed) == {"0", "1"}
 
 
 def test_jobs_0_exits_2_naming_the_key(finalized: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -9,17 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fer_search.metrics import classification_report, confusion_matrix
+from fer_search.metrics import ClassificationReport, ClassScores, classification_report, confusion_matrix
 
 ABC = ("a", "b", "c")
 
 
-def report(y_true: list[int], y_pred: list[int], classes: tuple[str, ...] = ABC) -> dict[str, Any]:
+def report(y_true: list[int], y_pred: list[int], classes: tuple[str, ...] = ABC) -> ClassificationReport:
     return classification_report(np.array(y_true, dtype=np.int64), np.array(y_pred, dtype=np.int64), classes)
 
 
-def per_class(rep: dict[str, Any], key: str) -> list[float]:
-    return [rep["per_class"][c][key] for c in rep["per_class"]]
+def per_class(rep: ClassificationReport, field: str) -> list[float]:
+    return [getattr(scores, field) for scores in rep.per_class.values()]
 
 
 def assert_close(actual: list[float], expected: list[float]) -> None:
@@ -55,12 +56,12 @@ def test_report_hand_computed() -> None:
     assert_close(per_class(rep, "recall"), [2 / 3, 1 / 2, 1 / 1])
     f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 * 1 / 1.5]  # 0.8, 0.5, 2/3
     assert_close(per_class(rep, "f1"), f1)
-    assert rep["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # 59/90
-    assert rep["accuracy"] == pytest.approx(4 / 6)
+    assert rep.macro_f1 == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)  # 59/90
+    assert rep.accuracy == pytest.approx(4 / 6)
     assert per_class(rep, "support") == [3, 2, 1]
-    assert rep["n"] == 6
-    assert rep["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-    assert list(rep["per_class"]) == list(ABC)
+    assert rep.n == 6
+    assert rep.confusion == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert list(rep.per_class) == list(ABC)
 
 
 def test_class_never_predicted_has_zero_precision_not_nan() -> None:
@@ -69,9 +70,9 @@ def test_class_never_predicted_has_zero_precision_not_nan() -> None:
     assert_close(per_class(rep, "precision"), [1.0, 1 / 3, 0.0])
     assert_close(per_class(rep, "recall"), [1.0, 1.0, 0.0])
     assert_close(per_class(rep, "f1"), [1.0, 0.5, 0.0])
-    assert rep["macro_f1"] == pytest.approx(0.5)
-    assert rep["accuracy"] == pytest.approx(0.5)
-    assert not any(math.isnan(x) for x in all_numbers(rep))
+    assert rep.macro_f1 == pytest.approx(0.5)
+    assert rep.accuracy == pytest.approx(0.5)
+    assert not any(math.isnan(x) for x in all_numbers(dataclasses.asdict(rep)))
 
 
 def test_class_absent_from_truth_has_zero_recall_and_support() -> None:
@@ -81,15 +82,15 @@ def test_class_absent_from_truth_has_zero_recall_and_support() -> None:
     assert_close(per_class(rep, "recall"), [0.5, 1.0, 0.0])
     assert_close(per_class(rep, "f1"), [2 / 3, 1.0, 0.0])
     assert per_class(rep, "support") == [2, 2, 0]
-    assert rep["macro_f1"] == pytest.approx(5 / 9)
-    assert not any(math.isnan(x) for x in all_numbers(rep))
+    assert rep.macro_f1 == pytest.approx(5 / 9)
+    assert not any(math.isnan(x) for x in all_numbers(dataclasses.asdict(rep)))
 
 
 def test_class_absent_and_never_predicted_counts_as_zero_in_macro_f1() -> None:
     rep = report([0, 1], [0, 1])
     assert_close(per_class(rep, "f1"), [1.0, 1.0, 0.0])
-    assert rep["macro_f1"] == pytest.approx(2 / 3)
-    assert rep["accuracy"] == 1.0
+    assert rep.macro_f1 == pytest.approx(2 / 3)
+    assert rep.accuracy == 1.0
 
 
 def test_perfect_predictions() -> None:
@@ -97,18 +98,24 @@ def test_perfect_predictions() -> None:
     rep = report(y, y)
     for key in ("precision", "recall", "f1"):
         assert per_class(rep, key) == [1.0, 1.0, 1.0]
-    assert rep["accuracy"] == 1.0 and rep["macro_f1"] == 1.0
-    assert rep["confusion"] == [[2, 0, 0], [0, 2, 0], [0, 0, 3]]
+    assert rep.accuracy == 1.0 and rep.macro_f1 == 1.0
+    assert rep.confusion == [[2, 0, 0], [0, 2, 0], [0, 0, 3]]
 
 
 def test_empty_input_gives_zeros_not_nan() -> None:
     rep = report([], [])
-    assert rep["n"] == 0 and rep["accuracy"] == 0.0 and rep["macro_f1"] == 0.0
-    assert not any(math.isnan(x) for x in all_numbers(rep))
+    assert rep.n == 0 and rep.accuracy == 0.0 and rep.macro_f1 == 0.0
+    assert not any(math.isnan(x) for x in all_numbers(dataclasses.asdict(rep)))
 
 
-def test_report_is_plain_json() -> None:
+def test_report_is_what_metrics_json_holds() -> None:
     rep = classification_report(np.array([0, 1, 1], dtype=np.int64), np.array([0, 0, 1], dtype=np.int64), ("x", "y"))
-    assert json.loads(json.dumps(rep)) == rep
-    assert all(type(v) is float for c in rep["per_class"].values() for k, v in c.items() if k != "support")
-    assert all(type(c["support"]) is int for c in rep["per_class"].values())
+    doc = dataclasses.asdict(rep)
+    assert json.loads(json.dumps(doc)) == doc
+    assert list(doc) == ["accuracy", "macro_f1", "n", "per_class", "confusion"]
+    assert doc["per_class"]["y"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert list(doc["per_class"]["x"]) == ["precision", "recall", "f1", "support"]
+    assert all(type(v) is float for s in rep.per_class.values() for v in (s.precision, s.recall, s.f1))
+    assert all(type(s.support) is int for s in rep.per_class.values())
+    assert type(rep.n) is int and all(type(v) is int for row in rep.confusion for v in row)
+    assert rep.per_class["x"] == ClassScores(precision=0.5, recall=1.0, f1=pytest.approx(2 / 3), support=1)
