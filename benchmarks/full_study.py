@@ -62,8 +62,8 @@ from fer_search.config import Config, load_config
 from fer_search.data import FerData, load_configured
 from fer_search.errors import UserError
 from fer_search.files import sha256_json, write_atomically
-from fer_search.predict import load_model, probabilities
 from fer_search.model import BASELINE, TrialParams
+from fer_search.predict import load_model, probabilities
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
 STUDY = "fer2013"
@@ -80,8 +80,16 @@ SMOKE_TRAIN = {"cuda": 1024, "cpu": 32}
 FINALIZE_COPIES = ("model.pt", "metrics.json", "report.html")  # the rest of final/ goes into reports.zip
 # The largest architecture of the space at its largest batch (the peak memory a worker may need), with
 # the other optimiser and schedule than the baseline's.
-LARGEST = dataclasses.replace(BASELINE, dropout_pattern="every", width=2.0, convs_per_block=2, linear_depth=3,
-                              batch_size=512, optimizer="adamw", scheduler="cosine")
+LARGEST = dataclasses.replace(
+    BASELINE,
+    dropout_pattern="every",
+    width=2.0,
+    convs_per_block=2,
+    linear_depth=3,
+    batch_size=512,
+    optimizer="adamw",
+    scheduler="cosine",
+)
 
 CUT, EXIT_CUT = "cut", 75
 RUN_EVERY_CALL = ("env", "study", "finalize")  # env checks this machine; the others skip what is done
@@ -136,8 +144,9 @@ class Run:
         self.log_path = plan.out / "full_study.log"
         previous = json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
         self.summary: dict[str, Any] = {"phases": previous.get("phases", {}), "calls": previous.get("calls", [])}
-        self.summary["calls"].append({"command": command, "started": _now(), "budget_s": plan.budget_s,
-                                      "host": socket.gethostname()})
+        self.summary["calls"].append(
+            {"command": command, "started": _now(), "budget_s": plan.budget_s, "host": socket.gethostname()}
+        )
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -217,8 +226,9 @@ def _parse_args() -> Plan:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="FER2013 image folders (train/, test/)")
     parser.add_argument("--out", type=Path, required=True, help="the folder to bring back (at most 8 files)")
-    parser.add_argument("--budget-s", type=float, default=530.0,
-                        help="seconds for the whole call, counted from its start (default 530)")
+    parser.add_argument(
+        "--budget-s", type=float, default=530.0, help="seconds for the whole call, counted from its start (default 530)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=30)
@@ -226,8 +236,12 @@ def _parse_args() -> Plan:
     parser.add_argument("--workers", type=int, help="search processes sharing the device (default 4 on CUDA, 1 on CPU)")
     parser.add_argument("--jobs", type=int, help="finalize's trainings at once (default: all on CUDA, 1 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "search.toml",
-                        help="the search.toml whose [pruner] and [space] the study uses")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "search.toml",
+        help="the search.toml whose [pruner] and [space] the study uses",
+    )
     parser.add_argument("--work", type=Path, help="working files (default: a folder in /tmp named after --out)")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -240,10 +254,20 @@ def _parse_args() -> Plan:
     if not args.data.exists():
         parser.error(f"--data {args.data}: no such file or folder")
     work = args.work or Path(tempfile.gettempdir()) / f"fer-full-study-{sha256_json(str(out))[:12]}"
-    return Plan(data=args.data.resolve(), out=out, work=work.resolve(), budget_s=args.budget_s, device=args.device,
-                trials=args.trials, epochs=args.epochs, seeds=args.seeds,
-                workers=args.workers or (4 if cuda else 1), jobs=args.jobs or (2 * args.seeds if cuda else 1),
-                seed=args.seed, config=args.config)
+    return Plan(
+        data=args.data.resolve(),
+        out=out,
+        work=work.resolve(),
+        budget_s=args.budget_s,
+        device=args.device,
+        trials=args.trials,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        workers=args.workers or (4 if cuda else 1),
+        jobs=args.jobs or (2 * args.seeds if cuda else 1),
+        seed=args.seed,
+        config=args.config,
+    )
 
 
 def _terminate(_signum: int, _frame: Any) -> None:
@@ -283,8 +307,10 @@ def run_phase(run: Run, name: str, phase: Callable[[], dict[str, Any]], alarm: f
     if figures["status"] != "done" and previous.get("status") == "done":  # DIR still holds what it made
         figures["earlier_done"] = {k: v for k, v in previous.items() if k != "earlier_done"}
     run.record(name, figures)
-    run.say(f"{name}: {figures['status']} in {figures['seconds']:.0f} s"
-            + (f" ({figures['reason']})" if "reason" in figures else ""))
+    run.say(
+        f"{name}: {figures['status']} in {figures['seconds']:.0f} s"
+        + (f" ({figures['reason']})" if "reason" in figures else "")
+    )
     if terminated:
         raise Terminated(figures["reason"])
     return figures["status"]
@@ -294,6 +320,7 @@ def run_phase(run: Run, name: str, phase: Callable[[], dict[str, Any]], alarm: f
 def _alarm(seconds: float) -> Iterator[None]:
     """Raise PhaseCut in this (main) thread after `seconds`; the study and finalize phases end their
     subprocesses themselves before it rings."""
+
     def ring(_signum: int, _frame: Any) -> None:
         raise PhaseCut(f"deadline reached after its {seconds:.0f} s")
 
@@ -308,22 +335,35 @@ def _alarm(seconds: float) -> Iterator[None]:
 
 # --- the configuration the service runs with --------------------------------------------------
 
+
 def write_config(plan: Plan) -> Config:
     """The search.toml of this run in --work: the paths of --work, the command line's sizes, and
     --config's pruner and space. Returns it loaded, as the service will load it."""
     base = load_config(plan.config)
     sections: dict[str, dict[str, Any]] = {
         "data": {"path": plan.data, "cache_dir": plan.work / "cache"},
-        "study": {"name": STUDY, "storage": f"sqlite:///{plan.database}", "artifacts": plan.work / "artifacts",
-                  "dir": plan.work / "studies"},
-        "run": {"trials": plan.trials, "epochs": plan.epochs, "device": plan.device, "workers": plan.workers,
-                "seed": plan.seed, "checkpoint_every_s": CHECKPOINT_EVERY_S},
+        "study": {
+            "name": STUDY,
+            "storage": f"sqlite:///{plan.database}",
+            "artifacts": plan.work / "artifacts",
+            "dir": plan.work / "studies",
+        },
+        "run": {
+            "trials": plan.trials,
+            "epochs": plan.epochs,
+            "device": plan.device,
+            "workers": plan.workers,
+            "seed": plan.seed,
+            "checkpoint_every_s": CHECKPOINT_EVERY_S,
+        },
         "pruner": dataclasses.asdict(base.pruner),
         "space": base.space.to_dict(),
         "finalize": {"seeds": plan.seeds, "epochs": plan.epochs, "jobs": plan.jobs, "out": plan.work / "final"},
     }
-    text = "".join(f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items()) + "\n"
-                   for name, table in sections.items())
+    text = "".join(
+        f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in table.items()) + "\n"
+        for name, table in sections.items()
+    )
     _write(plan.toml, text.encode())
     return load_config(plan.toml)
 
@@ -352,17 +392,21 @@ def restore_study(plan: Plan) -> None:
 
 # --- phase 1: the environment and the device's paths --------------------------------------------
 
+
 def env_phase(config: Config, plan: Plan) -> dict[str, Any]:
     device = resolve_device(plan.device)
     figures = {"environment": environment(device), "device": str(device), "data": str(plan.data)}
     data = load_configured(config.data)
     small = subset(data, torch.arange(min(SMOKE_TRAIN[device.type], len(data.train.y))))  # and a few validation images
-    figures["smoke"] = {name: smoke_training(params, small, device)
-                        for name, params in (("baseline", BASELINE), ("largest", LARGEST))}
+    figures["smoke"] = {
+        name: smoke_training(params, small, device) for name, params in (("baseline", BASELINE), ("largest", LARGEST))
+    }
     figures["augmentation"] = augmentation_statistics(device)
     if not figures["augmentation"]["matches_torchvision"]:
-        raise _with(PhaseFailed(f"augmentation on {device} does not match torchvision's statistics: "
-                                f"{figures['augmentation']}"), figures)
+        raise _with(
+            PhaseFailed(f"augmentation on {device} does not match torchvision's statistics: {figures['augmentation']}"),
+            figures,
+        )
     return figures
 
 
@@ -372,16 +416,29 @@ def environment(device: torch.device) -> dict[str, Any]:
     from fer_search.study import package_version, provenance
 
     found = provenance()
-    env: dict[str, Any] = {**found["versions"], "git": found["git"], "host": socket.gethostname(),
-                           "cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
-                           "date": _now()}
+    env: dict[str, Any] = {
+        **found["versions"],
+        "git": found["git"],
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "date": _now(),
+    }
     for name in ("torchvision", "numpy", "matplotlib"):
         env[name] = package_version(name)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "gpu_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-                    "cudnn": torch.backends.cudnn.version(), "bf16": torch.cuda.is_bf16_supported()})
+        env.update(
+            {
+                "gpu": props.name,
+                "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "gpu_capability": f"{props.major}.{props.minor}",
+                "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
+        )
     return env
 
 
@@ -393,9 +450,15 @@ def smoke_training(params: TrialParams, data: FerData, device: torch.device) -> 
     result = train_model(params, data, TrainSettings(epochs=1, seed=0, device=device))
     record = result.history[-1]
     if not all(map(_finite, (record.train_loss, record.val_loss))):
-        raise PhaseFailed(f"smoke training of {params} on {device}: loss {record.train_loss}, val loss {record.val_loss}")
-    figures = {"seconds": round(time.perf_counter() - start, 2), "train_loss": record.train_loss,
-               "val_acc": record.val_acc, "images_per_s": round(record.images_per_s, 1)}
+        raise PhaseFailed(
+            f"smoke training of {params} on {device}: loss {record.train_loss}, val loss {record.val_loss}"
+        )
+    figures = {
+        "seconds": round(time.perf_counter() - start, 2),
+        "train_loss": record.train_loss,
+        "val_acc": record.val_acc,
+        "images_per_s": round(record.images_per_s, 1),
+    }
     if device.type == "cuda":
         figures["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     return figures
@@ -407,19 +470,27 @@ def augmentation_statistics(device: torch.device, distinct: int = 8, copies: int
     with the unit test's tolerances."""
     coarse = torch.rand(distinct, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 255
     faces = F.interpolate(coarse, size=(48, 48), mode="bilinear").round().to(torch.uint8).repeat(copies, 1, 1, 1)
-    reference = transforms.Compose([transforms.Pad(4, padding_mode="reflect"),
-                                    transforms.RandomResizedCrop(48, scale=(0.5, 1.0)),
-                                    transforms.RandomHorizontalFlip()])
+    reference = transforms.Compose(
+        [
+            transforms.Pad(4, padding_mode="reflect"),
+            transforms.RandomResizedCrop(48, scale=(0.5, 1.0)),
+            transforms.RandomHorizontalFlip(),
+        ]
+    )
     torch.manual_seed(0)
     expected = normalize(torch.stack([reference(face) for face in faces]))
     got = augment_batch(faces.to(device), torch.Generator(device=device).manual_seed(0)).cpu()
-    gaps = {"mean": abs(got.mean() - expected.mean()).item(), "std": abs(got.std() - expected.std()).item(),
-            "row_profile": (got.mean(dim=(0, 1, 3)) - expected.mean(dim=(0, 1, 3))).abs().max().item()}
+    gaps = {
+        "mean": abs(got.mean() - expected.mean()).item(),
+        "std": abs(got.std() - expected.std()).item(),
+        "row_profile": (got.mean(dim=(0, 1, 3)) - expected.mean(dim=(0, 1, 3))).abs().max().item(),
+    }
     limits = {"mean": 0.01, "std": 0.01, "row_profile": 0.04}
     return {"gaps": gaps, "limits": limits, "matches_torchvision": all(gaps[k] < limits[k] for k in limits)}
 
 
 # --- phase 2: speed ----------------------------------------------------------------------------
+
 
 def speed_phase(config: Config, plan: Plan) -> dict[str, Any]:
     device = resolve_device(plan.device)
@@ -444,13 +515,18 @@ def timed_baseline(config: Config, plan: Plan, device: torch.device) -> dict[str
     synchronize(device)
     seconds = time.perf_counter() - start
     return {
-        "epochs": plan.epochs, "seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / plan.epochs, 3),
-        "train_images": len(data.train.y), "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+        "epochs": plan.epochs,
+        "seconds": round(seconds, 2),
+        "seconds_per_epoch": round(seconds / plan.epochs, 3),
+        "train_images": len(data.train.y),
+        "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
         "train_images_per_s": round(sum(r.images_per_s for r in result.history) / len(result.history), 1),
     }
 
 
 # --- phase 3: the study --------------------------------------------------------------------------
+
 
 def study_phase(plan: Plan, run: Run, deadline: float) -> dict[str, Any]:
     started = time.monotonic()
@@ -463,8 +539,7 @@ def study_phase(plan: Plan, run: Run, deadline: float) -> dict[str, Any]:
     figures["trials_per_hour"] = round(figures["finished"] / seconds * 3600, 1)  # over every call's study time
     figures = _phase_end(code, "run", {**figures, "log_tail": _log_tail(run.log_path)})
     if figures["finished"] < plan.trials:  # `run --timeout` stopped it (exit 0) before the deadline
-        raise _with(PhaseCut(f"{figures['finished']} of {plan.trials} trials finished when its time ran out"),
-                    figures)
+        raise _with(PhaseCut(f"{figures['finished']} of {plan.trials} trials finished when its time ran out"), figures)
     return figures
 
 
@@ -474,8 +549,9 @@ def service(run: Run, args: list[str], deadline: float) -> int:
     command = [sys.executable, "-m", "fer_search", *args, "--config", str(run.plan.toml)]
     run.say("$ " + shlex.join(command))
     with run.log_path.open("ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # its own process group: the signal reaches its workers
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )  # its own process group: the signal reaches its workers
         try:
             return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -537,31 +613,36 @@ def study_figures(plan: Plan) -> dict[str, Any]:
     (no trials where `run` was stopped before it created the study)."""
     import optuna  # the study phase's library, imported where it is needed
 
+    from fer_search.status import study_status
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    trials = []
+    study = None
     if plan.database.exists():
         storage = optuna.storages.RDBStorage(f"sqlite:///{plan.database}")
         if STUDY in optuna.get_all_study_names(storage):
-            trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+            study = optuna.load_study(study_name=STUDY, storage=storage)
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    status = study_status(study) if study is not None else {"best": None, "baseline": None}
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
-    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value, default=None)
-    baseline = next((t for t in finished if t.user_attrs.get("baseline")), None)
     return {
-        "workers": plan.workers, "finished": len(finished),
-        "trials": {state: sum(t.state.name == state for t in trials)
-                   for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
-        "epochs_run": epochs_run, "epochs_unpruned": len(finished) * plan.epochs,
+        "workers": plan.workers,
+        "finished": len(finished),
+        "trials": {
+            state: sum(t.state.name == state for t in trials)
+            for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+        },
+        "epochs_run": epochs_run,
+        "epochs_unpruned": len(finished) * plan.epochs,
         "share_of_epochs_pruned": round(1 - epochs_run / max(1, len(finished) * plan.epochs), 3),
-        "best": None if best is None else {"number": best.number, "value": best.value,
-                                           "params": best.user_attrs.get("trial_params", best.params)},
-        "baseline": None if baseline is None else {"number": baseline.number, "value": baseline.value,
-                                                   "state": baseline.state.name},
+        "best": status["best"],
+        "baseline": status["baseline"],
         "trial_seconds": round(sum(t.user_attrs.get("seconds", 0.0) for t in finished), 1),
     }
 
 
 # --- phase 4: finalize ----------------------------------------------------------------------------
+
 
 def finalize_phase(config: Config, plan: Plan, run: Run, deadline: float) -> dict[str, Any]:
     study = study_figures(plan)
@@ -572,11 +653,20 @@ def finalize_phase(config: Config, plan: Plan, run: Run, deadline: float) -> dic
         return _phase_end(code, "finalize", {"log_tail": _log_tail(run.log_path)})
     metrics = json.loads((config.final_dir / "metrics.json").read_text())
     ship_final(config.final_dir, plan.out)
-    figures = {"jobs": plan.jobs, **finalize_figures(metrics), "predict": predict_check(config, plan.out, metrics),
-               "study_finished": study["finished"]}
+    figures = {
+        "jobs": plan.jobs,
+        **finalize_figures(metrics),
+        "predict": predict_check(config, plan.out, metrics),
+        "study_finished": study["finished"],
+    }
     if not figures["predict"]["reproduces"]:
-        raise _with(PhaseFailed("predict on the shipped model.pt does not reproduce metrics.json's private_test "
-                                f"accuracy: {figures['predict']}"), figures)
+        raise _with(
+            PhaseFailed(
+                "predict on the shipped model.pt does not reproduce metrics.json's private_test "
+                f"accuracy: {figures['predict']}"
+            ),
+            figures,
+        )
     return figures
 
 
@@ -594,16 +684,27 @@ def ship_final(final: Path, out: Path) -> None:
 
 def finalize_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     """Best trial and baseline: per-seed and mean ± std accuracies on PrivateTest and Public + Private."""
+
     def accuracies(agg: dict[str, Any] | None) -> dict[str, Any] | None:
         if agg is None:
             return None
-        return {split: {"per_seed": {seed: run[split]["accuracy"] for seed, run in agg["per_seed"].items()},
-                        "mean": agg["mean"][split]["accuracy"],
-                        "std": None if agg["std"] is None else agg["std"][split]["accuracy"]}
-                for split in ("private_test", "test_all")}
+        return {
+            split: {
+                "per_seed": {seed: run[split]["accuracy"] for seed, run in agg["per_seed"].items()},
+                "mean": agg["mean"][split]["accuracy"],
+                "std": None if agg["std"] is None else agg["std"][split]["accuracy"],
+            }
+            for split in ("private_test", "test_all")
+        }
 
-    return {"best_trial": metrics["best_trial"], "shipped_seed": metrics["shipped_seed"], "seeds": metrics["seeds"],
-            "epochs": metrics["epochs"], "best": accuracies(metrics["best"]), "baseline": accuracies(metrics["baseline"])}
+    return {
+        "best_trial": metrics["best_trial"],
+        "shipped_seed": metrics["shipped_seed"],
+        "seeds": metrics["seeds"],
+        "epochs": metrics["epochs"],
+        "best": accuracies(metrics["best"]),
+        "baseline": accuracies(metrics["baseline"]),
+    }
 
 
 def predict_check(config: Config, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -613,8 +714,12 @@ def predict_check(config: Config, out: Path, metrics: dict[str, Any]) -> dict[st
     predicted = probabilities(loaded.model, data.test.x).argmax(1)
     accuracy = (predicted == data.test.y).sum().item() / len(data.test.y)  # as metrics.json counts it
     expected = metrics["best"]["per_seed"][str(metrics["shipped_seed"])]["private_test"]["accuracy"]
-    return {"images": len(data.test.y), "accuracy": accuracy, "metrics_json": expected,
-            "reproduces": abs(accuracy - expected) < 0.5 / len(data.test.y)}
+    return {
+        "images": len(data.test.y),
+        "accuracy": accuracy,
+        "metrics_json": expected,
+        "reproduces": abs(accuracy - expected) < 0.5 / len(data.test.y),
+    }
 
 
 def _study_complete(previous: dict[str, Any] | None, plan: Plan) -> bool:
@@ -631,11 +736,15 @@ def _finalized_for_this_study(previous: dict[str, Any] | None, plan: Plan) -> bo
         return False
     if not all((plan.out / name).is_file() for name in (*FINALIZE_COPIES, "reports.zip")):
         return False
-    return (previous.get("study_finished") == study_figures(plan)["finished"]
-            and len(previous.get("seeds", [])) == plan.seeds and previous.get("epochs") == plan.epochs)
+    return (
+        previous.get("study_finished") == study_figures(plan)["finished"]
+        and len(previous.get("seeds", [])) == plan.seeds
+        and previous.get("epochs") == plan.epochs
+    )
 
 
 # --- DIR and small helpers --------------------------------------------------------------------
+
 
 def dir_files(out: Path) -> list[dict[str, Any]]:
     return [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(out.iterdir()) if p.is_file()]
@@ -645,9 +754,14 @@ def check_contract(out: Path) -> None:
     """At most MAX_FILES files of at most MAX_BYTES, no folder, no SQLite side file: what can come back."""
     entries = sorted(out.iterdir())
     problems = [f"{p.name} is a folder" for p in entries if p.is_dir()]
-    problems += [f"{p.name} has {p.stat().st_size} bytes" for p in entries if p.is_file() and p.stat().st_size > MAX_BYTES]
-    problems += [f"{p.name} is a SQLite side file or a partial write" for p in entries
-                 if p.name.endswith(("-wal", "-shm", "-journal", ".tmp"))]
+    problems += [
+        f"{p.name} has {p.stat().st_size} bytes" for p in entries if p.is_file() and p.stat().st_size > MAX_BYTES
+    ]
+    problems += [
+        f"{p.name} is a SQLite side file or a partial write"
+        for p in entries
+        if p.name.endswith(("-wal", "-shm", "-journal", ".tmp"))
+    ]
     if len(entries) > MAX_FILES:
         problems.append(f"{len(entries)} entries, more than {MAX_FILES}")
     if problems:
@@ -675,7 +789,7 @@ def _finite(value: float) -> bool:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

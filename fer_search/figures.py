@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fer_search.metrics import ClassificationReport
-from fer_search.results import FinalMetrics, SeedRun
+from fer_search.results import Finalized, SeedRun
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
@@ -28,18 +28,18 @@ NAMES = {"best": "best trial", "baseline": "baseline"}  # by SeedRun.kind
 COLORS = {"best": "tab:blue", "baseline": "tab:orange"}
 
 
-def report_figures(metrics: FinalMetrics, shipped: SeedRun, baseline: SeedRun | None, test_images: np.ndarray,
-                   test_labels: np.ndarray, classes: tuple[str, ...], study: optuna.Study) -> dict[str, bytes]:
+def report_figures(f: Finalized) -> dict[str, bytes]:
     """Every figure of the reports, by file name."""
-    protocol = metrics.protocol
-    shipped_label = f"shipped model (best trial #{metrics.best_trial.number}, seed {shipped.seed})"
+    protocol, shipped = f.metrics.protocol, f.shipped
+    shipped_label = f"shipped model (best trial #{f.metrics.best_trial.number}, seed {shipped.seed})"
     return {
-        "confusion.png": confusion_png(shipped.private_test, classes, shipped_label, protocol.test),
-        "performance.png": performance_png(shipped, baseline, shipped_label, protocol.val),
-        "misclassified.png": misclassified_png(test_images, test_labels, shipped, classes, shipped_label,
-                                               protocol.test),
-        "search_history.png": search_history_png(study, protocol.val),
-        "param_importances.png": param_importances_png(study, protocol.val),
+        "confusion.png": confusion_png(shipped.private_test, f.classes, shipped_label, protocol.test),
+        "performance.png": performance_png(shipped, f.baseline, shipped_label, protocol.val),
+        "misclassified.png": misclassified_png(
+            f.test_images, f.test_labels, shipped, f.classes, shipped_label, protocol.test
+        ),
+        "search_history.png": search_history_png(f.study, protocol.val),
+        "param_importances.png": param_importances_png(f.study, protocol.val),
     }
 
 
@@ -65,8 +65,9 @@ def confusion_png(report: ClassificationReport, classes: tuple[str, ...], model_
     return _png(fig)
 
 
-def _confusion_panel(fig: Figure, ax: Axes, matrix: np.ndarray, classes: tuple[str, ...], spec: str,
-                     title: str) -> None:
+def _confusion_panel(
+    fig: Figure, ax: Axes, matrix: np.ndarray, classes: tuple[str, ...], spec: str, title: str
+) -> None:
     image = ax.imshow(matrix, cmap="Blues", vmin=0)
     fig.colorbar(image, ax=ax, shrink=0.85)
     ticks = range(len(classes))
@@ -75,8 +76,15 @@ def _confusion_panel(fig: Figure, ax: Axes, matrix: np.ndarray, classes: tuple[s
     ax.set(xlabel="predicted", ylabel="true", title=title)
     dark = matrix.max() / 2  # white text on the darker cells
     for (row, col), value in np.ndenumerate(matrix):
-        ax.text(col, row, format(value, spec), ha="center", va="center", fontsize=9,
-                color="white" if value > dark else "black")
+        ax.text(
+            col,
+            row,
+            format(value, spec),
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white" if value > dark else "black",
+        )
 
 
 def performance_png(shipped: SeedRun, baseline: SeedRun | None, model_label: str, val_split: str) -> bytes:
@@ -91,8 +99,9 @@ def performance_png(shipped: SeedRun, baseline: SeedRun | None, model_label: str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     beside = "" if baseline is None else " and the baseline"
-    fig.suptitle(f"Training curves of the {model_label}{beside}; dotted line: epoch whose weights are kept",
-                 fontsize=12)
+    fig.suptitle(
+        f"Training curves of the {model_label}{beside}; dotted line: epoch whose weights are kept", fontsize=12
+    )
     return _png(fig)
 
 
@@ -100,20 +109,20 @@ def _plot_curves(ax: Axes, run: SeedRun, metric: str) -> None:
     label, color = run_label(run), COLORS[run.kind]
     epochs = [h["epoch"] for h in run.history]
     ax.plot(epochs, [h[f"train_{metric}"] for h in run.history], color=color, label=f"{label} training")
-    ax.plot(epochs, [h[f"val_{metric}"] for h in run.history], color=color, linestyle="--",
-            label=f"{label} validation")
+    ax.plot(epochs, [h[f"val_{metric}"] for h in run.history], color=color, linestyle="--", label=f"{label} validation")
     ax.axvline(run.best_epoch, color=color, linestyle=":", label=f"{label} kept epoch {run.best_epoch}")
 
 
-def misclassified_png(images: np.ndarray, labels: np.ndarray, run: SeedRun, classes: tuple[str, ...],
-                      model_label: str, split: str) -> bytes:
+def misclassified_png(
+    images: np.ndarray, labels: np.ndarray, run: SeedRun, classes: tuple[str, ...], model_label: str, split: str
+) -> bytes:
     """The most confident mistakes first, each titled true -> predicted (confidence)."""
     pred, conf, labels = np.asarray(run.test_pred), np.asarray(run.test_conf), np.asarray(labels)
     wrong = np.flatnonzero(pred != labels)
     title = f"Misclassified {split} faces of the {model_label}"
     if wrong.size == 0:
         return _note_png(title, f"the model classified all {labels.size} {split} faces correctly")
-    shown = wrong[np.argsort(-conf[wrong], kind="stable")][:GRID_COLUMNS * GRID_ROWS]
+    shown = wrong[np.argsort(-conf[wrong], kind="stable")][: GRID_COLUMNS * GRID_ROWS]
     rows = math.ceil(shown.size / GRID_COLUMNS)
     fig = Figure(figsize=(GRID_COLUMNS * 1.75, rows * 1.9 + 0.7), layout="constrained")
     axes = fig.subplots(rows, GRID_COLUMNS, squeeze=False)
@@ -122,8 +131,11 @@ def misclassified_png(images: np.ndarray, labels: np.ndarray, run: SeedRun, clas
     for ax, i in zip(axes.flat, shown):
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(f"{classes[labels[i]]} → {classes[pred[i]]} ({conf[i]:.0%})", fontsize=9)
-    fig.suptitle(f"{title}: the {shown.size} most confident of {wrong.size} mistakes "
-                 f"({wrong.size / labels.size:.1%} of {labels.size})\ntrue → predicted (confidence)", fontsize=12)
+    fig.suptitle(
+        f"{title}: the {shown.size} most confident of {wrong.size} mistakes "
+        f"({wrong.size / labels.size:.1%} of {labels.size})\ntrue → predicted (confidence)",
+        fontsize=12,
+    )
     return _png(fig)
 
 
@@ -131,8 +143,9 @@ def search_history_png(study: optuna.Study, val_split: str) -> bytes:
     complete, total = _count_complete(study), len(study.get_trials(deepcopy=False))
     title = f"Search history: best {val_split} accuracy of each complete trial ({complete} of {_count(total, 'trial')})"
     if complete == 0:
-        return _note_png(title, f"the search history needs at least 1 complete trial; this study has 0 "
-                                f"(of {_count(total, 'trial')})")
+        return _note_png(
+            title, f"the search history needs at least 1 complete trial; this study has 0 (of {_count(total, 'trial')})"
+        )
     return _optuna_png("plot_optimization_history", study, f"{val_split} accuracy", title)
 
 
@@ -140,8 +153,11 @@ def param_importances_png(study: optuna.Study, val_split: str) -> bytes:
     complete = _count_complete(study)
     title = f"Parameter importances for {val_split} accuracy ({_count(complete, 'complete trial')})"
     if complete < MIN_TRIALS_FOR_IMPORTANCES:
-        return _note_png(title, f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCES} complete trials; "
-                                f"this study has {complete}")
+        return _note_png(
+            title,
+            f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCES} complete trials; "
+            f"this study has {complete}",
+        )
     return _optuna_png("plot_param_importances", study, f"{val_split} accuracy", title)
 
 
@@ -159,9 +175,11 @@ def _few_trials_note(study: optuna.Study) -> str | None:
     if complete >= FEW_COMPLETE_TRIALS:
         return None
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.get_trials(deepcopy=False))
-    return (f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend "
-            f"or to trust the importances. Pruned trials ({pruned} here) are not shown, and the importances "
-            f"do not count them.")
+    return (
+        f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend "
+        f"or to trust the importances. Pruned trials ({pruned} here) are not shown, and the importances "
+        f"do not count them."
+    )
 
 
 def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: str) -> bytes:
@@ -186,8 +204,15 @@ def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: st
             note = _few_trials_note(study) or _warnings_note([w for w in caught if issubclass(w.category, UserWarning)])
             if note is not None:
                 # Below the figure, never over the bars or points; bbox_inches="tight" makes room for it.
-                ax.get_figure().text(0.5, 0, textwrap.fill(note, 100), ha="center", va="top", fontsize=10,
-                                     bbox={"facecolor": "white", "edgecolor": "0.6"})
+                ax.get_figure().text(
+                    0.5,
+                    0,
+                    textwrap.fill(note, 100),
+                    ha="center",
+                    va="top",
+                    fontsize=10,
+                    bbox={"facecolor": "white", "edgecolor": "0.6"},
+                )
             return _png(ax.get_figure())
         finally:
             plt.close(ax.get_figure())

@@ -22,12 +22,13 @@ from fer_search.metrics import classification_report
 from fer_search.model import BASELINE, TrialParams
 from fer_search.predict import compact_state, model_from_state, probabilities, save_model
 from fer_search.processes import INTERRUPTED, USER_ERROR, ChildError, run_child, spawn_context, stop_processes
-from fer_search.report import summary_text, write_reports
+from fer_search.report import write_reports
 from fer_search.results import (
     REPORTED_BASELINE,
     BestTrial,
     Commands,
     DataRecord,
+    Finalized,
     FinalMetrics,
     Protocol,
     SeedRun,
@@ -36,6 +37,7 @@ from fer_search.results import (
 from fer_search.space import params_from_trial
 from fer_search.storage import load_existing_study
 from fer_search.study import provenance
+from fer_search.tables import summary_text
 from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
 
 # The resume files' weights, part of their key: files from before model.pt stored float16 weights
@@ -72,8 +74,10 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     runs_dir = made_folder(resume_dir(config), "resume")
     searched_on = study.user_attrs.get("data_path")
     if not config.data.path.exists() and searched_on and Path(searched_on).exists():
-        raise UserError(f"{config.data.path}: no such file or folder; study {study.study_name!r} was searched on "
-                        f"{searched_on}: pass --data {searched_on}")
+        raise UserError(
+            f"{config.data.path}: no such file or folder; study {study.study_name!r} was searched on "
+            f"{searched_on}: pass --data {searched_on}"
+        )
     # Train and val come from the search's cache in seconds; the test split is decoded only once they match.
     check_same_data(study, load_configured(config.data), config.data.path)
     data = load_configured(config.data, with_test=True)
@@ -86,22 +90,32 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     best_runs = [runs[SeedJob("best", best.params, seed)] for seed in seeds]
     baseline_runs = baseline_runs_of(runs, best.params, seeds) if config.finalize.baseline else []
     shipped, shipped_state = max(best_runs, key=lambda rs: (rs[0].val_acc, -rs[0].seed))
-    meta = {"study": study.study_name, "trial": best.number, "seed": shipped.seed, "best_epoch": shipped.best_epoch,
-            "fingerprints": data.fingerprints}
+    meta = {
+        "study": study.study_name,
+        "trial": best.number,
+        "seed": shipped.seed,
+        "best_epoch": shipped.best_epoch,
+        "fingerprints": data.fingerprints,
+    }
     save_model(out / "model.pt", shipped_state, best.params, CLASSES, meta)
     metrics = FinalMetrics(
-        shipped_seed=shipped.seed, epochs=epochs, seeds=seeds, best_trial=best,
+        shipped_seed=shipped.seed,
+        epochs=epochs,
+        seeds=seeds,
+        best_trial=best,
         best=aggregate([r for r, _ in best_runs]),
         baseline=aggregate([r for r, _ in baseline_runs]) if baseline_runs else None,
-        baseline_reported=REPORTED_BASELINE, protocol=Protocol.of(data.val_is_public_test),
+        baseline_reported=REPORTED_BASELINE,
+        protocol=Protocol.of(data.val_is_public_test),
         data=DataRecord(str(config.data.path), data.fingerprints),
-        commands=Commands(run=study.user_attrs.get("command"), finalize=command), **provenance(),
+        commands=Commands(run=study.user_attrs.get("command"), finalize=command),
+        **provenance(),
     )
     write_file(out / "metrics.json", metrics.to_json().encode())
     baseline_same_seed = next((r for r, _ in baseline_runs if r.seed == shipped.seed), None)
     test = _test_split(data)
-    written = write_reports(out, metrics, shipped, baseline_same_seed, test.x[:, 0].numpy(), test.y.numpy(), CLASSES,
-                            study)
+    finalized = Finalized(metrics, shipped, baseline_same_seed, test.x[:, 0].numpy(), test.y.numpy(), CLASSES, study)
+    written = write_reports(out, finalized)
     return summary_text(metrics, out, [out / "model.pt", out / "metrics.json", *written])
 
 
@@ -130,8 +144,10 @@ def check_same_data(study: optuna.Study, data: FerData, path: Path) -> None:
     stored = study.user_attrs.get("fingerprints", {})
     changed = [s for s in ("train", "val") if stored.get(s) != data.fingerprints[s]]
     if changed:
-        raise UserError(f"data at {path} differs from the data study {study.study_name!r} was searched on "
-                        f"({', '.join(changed)} split fingerprint); pass the study's data with --data")
+        raise UserError(
+            f"data at {path} differs from the data study {study.study_name!r} was searched on "
+            f"({', '.join(changed)} split fingerprint); pass the study's data with --data"
+        )
 
 
 def seed_jobs(best: TrialParams, seeds: list[int], baseline: bool) -> list[SeedJob]:
@@ -151,10 +167,12 @@ def baseline_runs_of(runs: dict[SeedJob, RunAndState], best: TrialParams, seeds:
     return [(dataclasses.replace(run, kind="baseline"), state) for run, state in copies]
 
 
-def retrain(jobs: list[SeedJob], config: Config, data: FerData, epochs: int, device: torch.device, runs_dir: Path,
-            say: Say) -> list[RunAndState]:
+def retrain(
+    jobs: list[SeedJob], config: Config, data: FerData, epochs: int, device: torch.device, runs_dir: Path, say: Say
+) -> list[RunAndState]:
     """Each job's run and weights, in order: reused from an interrupted finalize, else trained and evaluated,
     here (finalize.jobs = 1) or in finalize.jobs processes at once."""
+
     def finished(job: SeedJob) -> tuple[Path, RunAndState | None]:
         path, key = run_file(runs_dir, job, epochs, data.fingerprints)
         return path, _load_run(path, key)
@@ -207,13 +225,19 @@ def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, run
 
 def _trained_seed(job: SeedJob, epochs: int, data: FerData, device: torch.device, say: Say) -> dict[str, Any]:
     """The seed's weights as model.pt stores them (rounded), its best epoch, validation accuracy and history."""
+
     def on_epoch(record: Any, _checkpoint: Any) -> None:
         say(f"{job.label}: epoch {record.epoch}/{epochs} val_acc {record.val_acc:.4f}")
 
-    result = train_model(job.params, data, TrainSettings(epochs=epochs, seed=job.seed, device=device),
-                         on_epoch=on_epoch)
-    return {"state": compact_state(result.best_state), "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
-            "history": json.dumps([dataclasses.asdict(r) for r in result.history])}
+    result = train_model(
+        job.params, data, TrainSettings(epochs=epochs, seed=job.seed, device=device), on_epoch=on_epoch
+    )
+    return {
+        "state": compact_state(result.best_state),
+        "best_epoch": result.best_epoch,
+        "val_acc": result.best_val_acc,
+        "history": json.dumps([dataclasses.asdict(r) for r in result.history]),
+    }
 
 
 def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> SeedRun:
@@ -227,11 +251,15 @@ def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> Seed
         all_pred = torch.cat([probabilities(model, data.val.x).argmax(1), all_pred])
         all_y = torch.cat([data.val.y, test.y])
     return SeedRun(
-        kind=job.kind, seed=job.seed, best_epoch=trained["best_epoch"], val_acc=trained["val_acc"],
+        kind=job.kind,
+        seed=job.seed,
+        best_epoch=trained["best_epoch"],
+        val_acc=trained["val_acc"],
         history=json.loads(trained["history"]),
         private_test=classification_report(test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
         test_all=classification_report(all_y.numpy(), all_pred.numpy(), CLASSES),
-        test_pred=private_probs.argmax(1).tolist(), test_conf=private_probs.max(1).values.tolist(),
+        test_pred=private_probs.argmax(1).tolist(),
+        test_conf=private_probs.max(1).values.tolist(),
     )
 
 
@@ -258,6 +286,7 @@ def _load_doc(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # --- finalize.jobs > 1: seed runs in processes of their own ---------------------------------
+
 
 def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_dir: Path, say: Say) -> None:
     """Train `jobs` in config.finalize.jobs processes at once, sharing the device; each writes its resume file.
@@ -314,10 +343,10 @@ def _stop(procs: list[Any], queue: Any, say: Say, grace_s: float) -> None:
 
 def _seed_process(config: Config, job: SeedJob, epochs: int, runs_dir: Path, queue: Any) -> None:
     """Entry point of one seed run's process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+
     def work() -> None:
         configure_cpu_threads(config.finalize.jobs)  # the cores are shared among the processes
         data = load_configured(config.data, with_test=True)  # from the cache the parent has warmed
         seed_run(job, epochs, data, resolve_device(config.run.device), runs_dir, queue.put)
 
     run_child(job.label, queue, work)
-

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 
 from fer_search.metrics import ClassificationReport
 from fer_search.model import TrialParams
@@ -51,8 +52,9 @@ class Protocol:
     @classmethod
     def of(cls, val_is_public_test: bool) -> Protocol:
         if val_is_public_test:
-            return cls("Training", "PublicTest", "PrivateTest",
-                       "PublicTest + PrivateTest (includes the validation split)")
+            return cls(
+                "Training", "PublicTest", "PrivateTest", "PublicTest + PrivateTest (includes the validation split)"
+            )
         return cls("Training", "10% of train", "test/", "test/ (same as test)")
 
 
@@ -167,21 +169,27 @@ def aggregate(runs: list[SeedRun]) -> Aggregate:
 
 
 def _splits(runs: list[SeedRun], stat: Callable[[np.ndarray], np.ndarray]) -> Splits:
-    return Splits(private_test=_over_seeds([r.private_test for r in runs], stat),
-                  test_all=_over_seeds([r.test_all for r in runs], stat))
+    return Splits(
+        private_test=_over_seeds([r.private_test for r in runs], stat),
+        test_all=_over_seeds([r.test_all for r in runs], stat),
+    )
 
 
 def _over_seeds(reports: list[ClassificationReport], stat: Callable[[np.ndarray], np.ndarray]) -> SplitStats:
     """`stat` over the seeds' axis 0 of each figure of the reports (support and n are the same for all)."""
+
     def over(values: list[Any]) -> Any:
         return np.asarray(stat(np.asarray(values, dtype=float))).tolist()
 
     return SplitStats(
         accuracy=over([r.accuracy for r in reports]),
         macro_f1=over([r.macro_f1 for r in reports]),
-        per_class={c: ClassStats(*(over([getattr(r.per_class[c], f.name) for r in reports])
-                                   for f in dataclasses.fields(ClassStats)))
-                   for c in reports[0].per_class},
+        per_class={
+            c: ClassStats(
+                *(over([getattr(r.per_class[c], f.name) for r in reports]) for f in dataclasses.fields(ClassStats))
+            )
+            for c in reports[0].per_class
+        },
         confusion=over([r.confusion for r in reports]),
     )
 
@@ -199,3 +207,16 @@ def _decoded(kind: Any, value: Any) -> Any:
     if typing.get_origin(kind) is list:
         return [_decoded(args[0], v) for v in value]
     return value  # str, int, float, bool, Any: as JSON has them
+
+
+@dataclass(frozen=True)
+class Finalized:
+    """What the reports show: the metrics, the shipped run and the baseline's of its seed, the test split, the study."""
+
+    metrics: FinalMetrics
+    shipped: SeedRun
+    baseline: SeedRun | None  # None with --no-baseline
+    test_images: np.ndarray  # uint8 (N, 48, 48), in the test split's order
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    study: optuna.Study

@@ -38,12 +38,15 @@ def config(tmp_path: Path, tiny_fer: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("url, named", [
-    ("nonsense", "nonsense"),
-    ("mongodb://h/db", "mongodb"),
-    ("postgresql+nosuchdriver://u@127.0.0.1/db", "nosuchdriver"),
-    ("postgresql+psycopg://u:secret@127.0.0.1:1/db", "cannot connect"),
-])
+@pytest.mark.parametrize(
+    "url, named",
+    [
+        ("nonsense", "nonsense"),
+        ("mongodb://h/db", "mongodb"),
+        ("postgresql+nosuchdriver://u@127.0.0.1/db", "nosuchdriver"),
+        ("postgresql+psycopg://u:secret@127.0.0.1:1/db", "cannot connect"),
+    ],
+)
 def test_bad_storage_url_exits_2(config: Path, url: str, named: str) -> None:
     code, output = invoke("status", "--config", config, "--storage", url)
     assert_one_line_error(code, output, named)
@@ -52,17 +55,22 @@ def test_bad_storage_url_exits_2(config: Path, url: str, named: str) -> None:
 
 def test_unknown_study_exits_2(config: Path) -> None:
     optuna.create_study(study_name="other", storage=f"sqlite:///{config.parent}/s.db")
-    code, output = invoke("status", "--config", config, "--study", "nope", "--storage", f"sqlite:///{config.parent}/s.db")
+    code, output = invoke(
+        "status", "--config", config, "--study", "nope", "--storage", f"sqlite:///{config.parent}/s.db"
+    )
     assert_one_line_error(code, output, "nope", "other")
 
 
-@pytest.mark.parametrize("args, named", [
-    (["--trials", "0"], "run.trials"),
-    (["--trials", "2", "--device", "tpu"], "tpu"),
-    (["--trials", "2", "--data", "/no/such/folder"], "/no/such/folder"),
-    (["--trials", "2", "--config", "/no/such.toml"], "/no/such.toml"),
-    (["--trials", "2", "--workers", "0"], "run.workers"),
-])
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--trials", "0"], "run.trials"),
+        (["--trials", "2", "--device", "tpu"], "tpu"),
+        (["--trials", "2", "--data", "/no/such/folder"], "/no/such/folder"),
+        (["--trials", "2", "--config", "/no/such.toml"], "/no/such.toml"),
+        (["--trials", "2", "--workers", "0"], "run.workers"),
+    ],
+)
 def test_bad_run_input_exits_2(config: Path, args: list[str], named: str) -> None:
     code, output = invoke("run", "--config", config, *args) if "--config" not in args else invoke("run", *args)
     assert_one_line_error(code, output, named)
@@ -104,8 +112,22 @@ def test_dashboard_serves_the_study(tmp_path: Path) -> None:
     optuna.create_study(study_name="watched", storage=storage)
     (tmp_path / "search.toml").write_text("")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fer_search", "dashboard", "--config", str(tmp_path / "search.toml"),
-                             "--storage", storage, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fer_search",
+            "dashboard",
+            "--config",
+            str(tmp_path / "search.toml"),
+            "--storage",
+            storage,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         body = None
         deadline = time.monotonic() + 60
@@ -128,8 +150,18 @@ def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda *a, **k: calls.append(k))
     (tmp_path / "search.toml").write_text("")
     optuna.create_study(study_name="watched", storage=f"sqlite:///{tmp_path}/d.db")
-    result = CliRunner().invoke(main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--host", "0.0.0.0",
-                                       "--storage", f"sqlite:///{tmp_path}/d.db"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "dashboard",
+            "--config",
+            str(tmp_path / "search.toml"),
+            "--host",
+            "0.0.0.0",
+            "--storage",
+            f"sqlite:///{tmp_path}/d.db",
+        ],
+    )
     assert result.exit_code == 0 and "no authentication" in result.output
     assert calls and calls[0]["host"] == "0.0.0.0"
 
@@ -147,8 +179,9 @@ def test_dashboard_on_a_taken_port_exits_2(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--storage", storage,
-                                           "--port", str(port)])
+        result = CliRunner().invoke(
+            main, ["dashboard", "--config", str(tmp_path / "search.toml"), "--storage", storage, "--port", str(port)]
+        )
     assert_one_line_error(result.exit_code, result.output, f"127.0.0.1:{port}", "--port")
 
 
@@ -176,13 +209,17 @@ def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str])
     live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
     live(Progress(worker=1, trial=4, epoch=1, epochs=30, val_acc=0.38, best=None))
     frame = capsys.readouterr().err.rsplit("\033[J", 1)[1]  # what the last redraw left on the screen
-    assert frame.splitlines() == ["[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
-                                  "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -"]
+    assert frame.splitlines() == [
+        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
+        "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -",
+    ]
     live(Progress(worker=0, trial=3, epoch=6, epochs=30, val_acc=0.45, best=0.5, state="PRUNED"))
     out = capsys.readouterr().err
     assert out.startswith("\033[F\033[F\r\033[J")  # back over the two live lines, then cleared
-    assert out.split("\033[J", 1)[1].splitlines() == ["[w0] trial 3 pruned after 6 epochs: 0.4500 (best 0.5000)",
-                                                      "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -"]
+    assert out.split("\033[J", 1)[1].splitlines() == [
+        "[w0] trial 3 pruned after 6 epochs: 0.4500 (best 0.5000)",
+        "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -",
+    ]
 
 
 def test_live_lines_print_log_lines_above_them(capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,4 +232,24 @@ def test_live_lines_print_log_lines_above_them(capsys: pytest.CaptureFixture[str
     live("WARNING fer_search: trial 2 never started (its worker died before training it); retrying it")
     assert capsys.readouterr().err.split("\033[J", 1)[1].splitlines() == [
         "WARNING fer_search: trial 2 never started (its worker died before training it); retrying it",
-        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -"]
+        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
+    ]
+
+
+@pytest.mark.parametrize(
+    "command, modules, absent",
+    [
+        ("status", ["fer_search.status", "fer_search.storage"], ["torch", "fer_search.search", "fer_search.objective"]),
+        ("dashboard", ["fer_search.storage"], ["torch", "fer_search.search", "fer_search.objective"]),
+        ("finalize", ["fer_search.finalize"], ["fer_search.search", "fer_search.objective"]),
+    ],
+)
+def test_commands_import_only_what_they_use(command: str, modules: list[str], absent: list[str]) -> None:
+    """`status` and `dashboard` start without torch; no command that reads a study imports the worker code."""
+    probe = (
+        f"import importlib, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+        f"print(sorted(set({absent!r}) & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"{command} imports {done.stdout.strip()}"

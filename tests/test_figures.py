@@ -11,24 +11,22 @@ import matplotlib
 import matplotlib.image
 import optuna
 import pytest
+from finalizing import Finalized, fake_inputs, toy_study
 from matplotlib.figure import Figure
-from test_report import Inputs, fake_inputs, toy_study
 
 from fer_search import figures as figures_module
-from fer_search.data import CLASSES
 from fer_search.figures import param_importances_png, performance_png, report_figures, search_history_png
 
 PLOTS = [search_history_png, param_importances_png]
 
 
 @pytest.fixture(scope="module")
-def inputs() -> Inputs:
+def inputs() -> Finalized:
     return fake_inputs(toy_study(n_complete=6, n_pruned=2))
 
 
-def figures_of(inputs: Inputs) -> dict[str, bytes]:
-    return report_figures(inputs.metrics, inputs.shipped, inputs.baseline, inputs.images, inputs.labels, CLASSES,
-                          inputs.study)
+def figures_of(inputs: Finalized) -> dict[str, bytes]:
+    return report_figures(inputs)
 
 
 def assert_real_png(png: bytes) -> None:
@@ -37,18 +35,24 @@ def assert_real_png(png: bytes) -> None:
     assert height > 100 and width > 100, (height, width)
 
 
-def test_every_figure_is_a_real_image(inputs: Inputs) -> None:
+def test_every_figure_is_a_real_image(inputs: Finalized) -> None:
     pngs = figures_of(inputs)
-    assert list(pngs) == ["confusion.png", "performance.png", "misclassified.png", "search_history.png",
-                          "param_importances.png"]
+    assert list(pngs) == [
+        "confusion.png",
+        "performance.png",
+        "misclassified.png",
+        "search_history.png",
+        "param_importances.png",
+    ]
     for png in pngs.values():
         assert_real_png(png)
 
 
 @pytest.mark.parametrize("n_complete", [0, 1])
 @pytest.mark.parametrize("plot", PLOTS)
-def test_few_complete_trials_still_give_both_optuna_figures(plot: Callable[[optuna.Study, str], bytes],
-                                                            n_complete: int) -> None:
+def test_few_complete_trials_still_give_both_optuna_figures(
+    plot: Callable[[optuna.Study, str], bytes], n_complete: int
+) -> None:
     assert_real_png(plot(toy_study(n_complete), "PublicTest"))
 
 
@@ -90,8 +94,9 @@ def drawn_notes(plot: Callable[[optuna.Study, str], bytes], study: optuna.Study,
 
 
 @pytest.mark.parametrize("plot", PLOTS)
-def test_few_complete_trials_are_said_below_both_optuna_figures(plot: Callable[[optuna.Study, str], bytes],
-                                                                 figures: list[Figure]) -> None:
+def test_few_complete_trials_are_said_below_both_optuna_figures(
+    plot: Callable[[optuna.Study, str], bytes], figures: list[Figure]
+) -> None:
     notes = drawn_notes(plot, toy_study(n_complete=3, n_pruned=2), figures)
     assert len(notes) == 1
     assert "Only 3 complete trials (fewer than 10)" in notes[0]
@@ -111,7 +116,7 @@ def test_enough_trials_draw_no_note_but_optunas_own_warnings(figures: list[Figur
     assert notes[0].startswith("Optuna warns: Some regimes for parameter `extra`") and "inaccurate" in notes[0]
 
 
-def test_training_curves_count_whole_epochs(inputs: Inputs, figures: list[Figure]) -> None:
+def test_training_curves_count_whole_epochs(inputs: Finalized, figures: list[Figure]) -> None:
     two_epochs = dataclasses.replace(inputs.shipped, history=inputs.shipped.history[:2], best_epoch=2)
     performance_png(two_epochs, None, "shipped model", "PublicTest")
     for ax in figures[-1].axes:
@@ -126,7 +131,7 @@ def test_study_optuna_cannot_plot_still_gives_figures(plot: Callable[[optuna.Stu
     assert_real_png(plot(study, "PublicTest"))
 
 
-def test_leaves_matplotlib_as_it_found_it(inputs: Inputs) -> None:
+def test_leaves_matplotlib_as_it_found_it(inputs: Finalized) -> None:
     from matplotlib import pyplot as plt
 
     before = dict(matplotlib.rcParams)

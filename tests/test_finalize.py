@@ -21,6 +21,7 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from finalizing import REPORT_FILES
 from test_results import METRICS_KEYS
 
 from fer_search.cli import main
@@ -34,8 +35,7 @@ from fer_search.results import FinalMetrics, SeedRun
 
 REPO = Path(__file__).resolve().parents[1]
 
-FILES = ("model.pt", "metrics.json", "epoch_accs.json", "recalls_precisions.txt", "confusion.png",
-         "performance.png", "misclassified.png", "search_history.png", "param_importances.png", "report.html")
+FILES = ("model.pt", "metrics.json", *REPORT_FILES)
 
 
 def final_dir(folder: Path) -> Path:
@@ -56,8 +56,9 @@ def searched(folder: Path, tiny_fer: Path, toml: str = "") -> Path:
     With the default space that trial is trial 0, the baseline."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "search.toml").write_text(f'[data]\npath = "{tiny_fer}"\n{toml}')
-    result = CliRunner().invoke(main, ["run", "--trials", "1", "--epochs", "1", "--config", str(folder / "search.toml"),
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main, ["run", "--trials", "1", "--epochs", "1", "--config", str(folder / "search.toml"), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     return folder
 
@@ -111,11 +112,13 @@ def test_metrics_hold_best_and_baseline_per_seed_and_aggregated(finalized: Path)
             assert len(run.private_test.confusion) == 7
         accs = [r.private_test.accuracy for r in agg.per_seed.values()]
         assert agg.mean.private_test.accuracy == pytest.approx(sum(accs) / 2)
-        assert agg.std.private_test.accuracy == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        assert agg.std.private_test.accuracy == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
         confusions = np.array([r.private_test.confusion for r in agg.per_seed.values()])
         assert np.allclose(agg.mean.private_test.confusion, confusions.mean(axis=0))
-        assert np.allclose(agg.std.test_all.confusion,
-                           np.array([r.test_all.confusion for r in agg.per_seed.values()]).std(axis=0, ddof=1))
+        assert np.allclose(
+            agg.std.test_all.confusion,
+            np.array([r.test_all.confusion for r in agg.per_seed.values()]).std(axis=0, ddof=1),
+        )
     shipped = m.best.per_seed[str(m.shipped_seed)]
     assert shipped.val_acc == max(r.val_acc for r in m.best.per_seed.values())
 
@@ -125,8 +128,22 @@ def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, t
     m = metrics_of(final_dir(finalized))
     images = sorted(tiny_fer.glob("test/*/PrivateTest_*.jpg"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-m", "fer_search", "predict", "--config", str(finalized / "search.toml"),
-                          "--json", *map(str, images)], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fer_search",
+            "predict",
+            "--config",
+            str(finalized / "search.toml"),
+            "--json",
+            *map(str, images),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(images)
     correct = sum(line["label"] == Path(line["path"]).parent.name for line in lines)
@@ -136,7 +153,8 @@ def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, t
 def test_metrics_and_page_give_the_commands(finalized: Path) -> None:
     commands = metrics_of(final_dir(finalized)).commands
     assert commands.finalize.startswith(
-        shlex.join(["fer-search", "finalize", "--config", str(finalized / "search.toml"), "--seeds", "2"]))
+        shlex.join(["fer-search", "finalize", "--config", str(finalized / "search.toml"), "--seeds", "2"])
+    )
     page = (final_dir(finalized) / "report.html").read_text()
     assert html.escape(commands.finalize, quote=True) in page
     assert commands.run is not None and commands.run.startswith("fer-search run --trials 3 ")  # recorded by `run`
@@ -147,12 +165,24 @@ def test_the_finalize_command_hides_a_storage_password(finalized: Path, monkeypa
     import fer_search.finalize
 
     seen = []
-    monkeypatch.setattr(fer_search.finalize, "finalize_study", lambda _config, command, _say: seen.append(command) or "")
+    monkeypatch.setattr(
+        fer_search.finalize, "finalize_study", lambda _config, command, _say: seen.append(command) or ""
+    )
     result = finalize(finalized, "--storage", "postgresql://me:secret@db.example/fer", "--no-baseline")
     assert result.exit_code == 0, result.output
-    assert seen == [shlex.join([
-        "fer-search", "finalize", "--storage", "postgresql://me:***@db.example/fer", "--config", str(finalized / "search.toml"),
-        "--no-baseline"])]
+    assert seen == [
+        shlex.join(
+            [
+                "fer-search",
+                "finalize",
+                "--storage",
+                "postgresql://me:***@db.example/fer",
+                "--config",
+                str(finalized / "search.toml"),
+                "--no-baseline",
+            ]
+        )
+    ]
 
 
 def test_rerun_reuses_finished_seeds(finalized: Path) -> None:
@@ -181,8 +211,9 @@ def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path,
     assert len(list(resume_dir(folder).glob("best-seed1-*.pt"))) == 1
 
 
-def test_a_finalize_interrupted_while_evaluating_keeps_the_training(finalized: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_finalize_interrupted_while_evaluating_keeps_the_training(
+    finalized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import fer_search.finalize as finalize_module
 
     folder = Path(shutil.copytree(finalized, tmp_path / "study"))
@@ -237,8 +268,9 @@ def test_changed_data_exits_2(finalized: Path, tmp_path: Path) -> None:
     assert "differs from the data" in error and "train" in error
 
 
-def test_a_missing_data_path_names_the_one_the_study_was_searched_on(finalized: Path, tiny_fer: Path,
-                                                                       tmp_path: Path) -> None:
+def test_a_missing_data_path_names_the_one_the_study_was_searched_on(
+    finalized: Path, tiny_fer: Path, tmp_path: Path
+) -> None:
     """`run --data X` then a bare `finalize`: the study remembers X, and the error says to pass it."""
     error = one_line_error(finalize(finalized, "--data", str(tmp_path / "moved")))
     assert str(tmp_path / "moved") in error and f"--data {tiny_fer}" in error
@@ -254,8 +286,12 @@ def test_resume_files_hold_the_weights_model_pt_ships(finalized: Path) -> None:
     assert all(resumed[k].dtype == shipped[k].dtype and torch.equal(resumed[k], shipped[k]) for k in shipped)
     run = SeedRun.from_json(doc["run"])  # and the run the metrics report
     figures = m.best.per_seed[str(m.shipped_seed)]
-    assert (run.seed, run.val_acc, run.private_test, run.test_all) == (m.shipped_seed, figures.val_acc,
-                                                                      figures.private_test, figures.test_all)
+    assert (run.seed, run.val_acc, run.private_test, run.test_all) == (
+        m.shipped_seed,
+        figures.val_acc,
+        figures.private_test,
+        figures.test_all,
+    )
 
 
 def test_the_largest_architecture_ships_in_16_mib_and_predict_scores_its_metrics(tmp_path: Path) -> None:
@@ -299,8 +335,19 @@ def test_jobs_2_gives_the_seeds_jobs_1_gives(finalized: Path, tmp_path: Path) ->
     with one_core():
         for jobs in ("1", "2"):
             shutil.rmtree(resume_dir(folder))
-            results[jobs] = finalize(folder, "--seeds", "2", "--epochs", "1", "--device", "cpu", "--jobs", jobs,
-                                     "--out", str(tmp_path / jobs))
+            results[jobs] = finalize(
+                folder,
+                "--seeds",
+                "2",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--jobs",
+                jobs,
+                "--out",
+                str(tmp_path / jobs),
+            )
             assert results[jobs].exit_code == 0, results[jobs].output
     one, two = metrics_of(tmp_path / "1"), metrics_of(tmp_path / "2")
     assert one.best.per_seed == two.best.per_seed  # val_acc, best epoch, every test figure
@@ -333,8 +380,9 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
     broken = dataclasses.replace(BASELINE, dropout_pattern="sometimes")
     lines: list[str] = []
     with pytest.raises(RuntimeError, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
-        train_in_processes([SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500,
-                           tmp_path / "runs", lines.append)
+        train_in_processes(
+            [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500, tmp_path / "runs", lines.append
+        )
     assert not any("epoch 500/500" in line for line in lines)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
 
@@ -356,11 +404,30 @@ def _live_in_session(session: int) -> list[int]:
 def test_ctrl_c_stops_every_seed_process_and_keeps_finished_seeds(tmp_path: Path, tiny_fer: Path) -> None:
     folder = searched(tmp_path / "study", tiny_fer)
     log = tmp_path / "finalize.log"
-    command = [sys.executable, "-m", "fer_search", "finalize", "--config", str(folder / "search.toml"),
-               "--device", "cpu", "--seeds", "3", "--epochs", "2", "--jobs", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "fer_search",
+        "finalize",
+        "--config",
+        str(folder / "search.toml"),
+        "--device",
+        "cpu",
+        "--seeds",
+        "3",
+        "--epochs",
+        "2",
+        "--jobs",
+        "2",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     try:
         deadline = time.monotonic() + 180
         while not list(resume_dir(folder).glob("*.pt")):  # a seed has finished

@@ -8,83 +8,31 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
-from test_results import EPOCHS, fake_metrics, fake_run
+from finalizing import COMMAND, EPOCHS, REPORT_FILES, STUDY_NAME, Finalized, fake_inputs, toy_study
 
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
-from fer_search.report import summary_text, write_reports
-from fer_search.results import Commands, FinalMetrics, SeedRun, aggregate
+from fer_search.report import write_reports
+from fer_search.results import Commands, aggregate
 
-FILES = ["epoch_accs.json", "recalls_precisions.txt", "confusion.png", "performance.png", "misclassified.png",
-         "search_history.png", "param_importances.png", "report.html"]
+FILES = list(REPORT_FILES)
 FIGURES = [f for f in FILES if f.endswith(".png")]
-SEEDS = [0, 1, 2]
-N_TEST, N_PUBLIC = 150, 100
-STUDY_NAME = "fer<2013>&co"  # must come out escaped in the page
-COMMAND = "fer-search finalize --study 'fer<2013>&co' --seeds 3"
-RUN_COMMAND = "fer-search run --trials 8 --study 'fer<2013>&co'"
-
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@dataclasses.dataclass(frozen=True)
-class Inputs:
-    metrics: FinalMetrics
-    shipped: SeedRun
-    baseline: SeedRun
-    images: np.ndarray
-    labels: np.ndarray
-    study: optuna.Study
-
-
-def toy_study(n_complete: int, n_pruned: int = 1, name: str = STUDY_NAME) -> optuna.Study:
-    """An in-memory study with a couple of parameters and intermediate values, some trials pruned."""
-    study = optuna.create_study(direction="maximize", study_name=name, sampler=optuna.samplers.RandomSampler(seed=0))
-
-    def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", 1e-4, 3e-3, log=True)
-        pattern = trial.suggest_categorical("dropout_pattern", ["none", "head", "interlaced"])
-        value = 0.5 + 20 * lr + (0.05 if pattern == "interlaced" else 0.0)
-        if trial.number == n_pruned:
-            trial.set_user_attr("baseline", True)
-        for epoch in range(1, 4):
-            trial.report(value * epoch / 3, epoch)
-        if trial.number < n_pruned:
-            raise optuna.TrialPruned()
-        return value
-
-    study.optimize(objective, n_trials=n_pruned + n_complete)
-    return study
-
-
-def fake_inputs(study: optuna.Study) -> Inputs:
-    rng = np.random.default_rng(7)
-    labels = rng.integers(0, len(CLASSES), N_TEST)
-    public = rng.integers(0, len(CLASSES), N_PUBLIC)
-    images = rng.integers(0, 256, (N_TEST, 48, 48), dtype=np.uint8)
-    best = [fake_run("best", s, labels, public) for s in SEEDS]
-    baseline = [fake_run("baseline", s, labels, public) for s in SEEDS]
-    metrics = fake_metrics(best, baseline, Commands(run=RUN_COMMAND, finalize=COMMAND))
-    shipped = next(r for r in best if r.seed == metrics.shipped_seed)
-    baseline_same_seed = next(r for r in baseline if r.seed == shipped.seed)
-    return Inputs(metrics, shipped, baseline_same_seed, images, labels, study)
-
-
-def write(inputs: Inputs, out: Path, with_baseline: bool = True) -> list[Path]:
-    return write_reports(out, inputs.metrics, inputs.shipped, inputs.baseline if with_baseline else None,
-                         inputs.images, inputs.labels, CLASSES, inputs.study)
+def write(inputs: Finalized, out: Path, with_baseline: bool = True) -> list[Path]:
+    return write_reports(out, inputs if with_baseline else dataclasses.replace(inputs, baseline=None))
 
 
 @pytest.fixture(scope="module")
-def inputs() -> Inputs:
+def inputs() -> Finalized:
     return fake_inputs(toy_study(n_complete=6, n_pruned=2))
 
 
 @pytest.fixture(scope="module")
-def written(inputs: Inputs, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def written(inputs: Finalized, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write(inputs, tmp_path_factory.mktemp("final") / "final")
 
 
@@ -103,7 +51,7 @@ def test_page_is_self_contained_with_every_figure(written: list[Path]) -> None:
         assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
 
 
-def test_page_has_the_key_numbers(written: list[Path], inputs: Inputs) -> None:
+def test_page_has_the_key_numbers(written: list[Path], inputs: Finalized) -> None:
     page = (written[0].parent / "report.html").read_text()
     m = inputs.metrics
     for agg in (m.best, m.baseline):
@@ -131,14 +79,14 @@ def test_page_escapes_what_it_interpolates(written: list[Path]) -> None:
     assert "fer-search run --trials 8 --study &#x27;fer&lt;2013&gt;&amp;co&#x27;" in page
 
 
-def test_page_says_when_the_study_did_not_record_its_run_command(inputs: Inputs, tmp_path: Path) -> None:
+def test_page_says_when_the_study_did_not_record_its_run_command(inputs: Finalized, tmp_path: Path) -> None:
     metrics = dataclasses.replace(inputs.metrics, commands=Commands(run=None, finalize=COMMAND))
     write(dataclasses.replace(inputs, metrics=metrics), tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "not recorded" in page and "fer-search finalize --study" in page
 
 
-def test_text_and_json(written: list[Path], inputs: Inputs) -> None:
+def test_text_and_json(written: list[Path], inputs: Finalized) -> None:
     folder = written[0].parent
     text = (folder / "recalls_precisions.txt").read_text()
     assert all(c in text for c in CLASSES)
@@ -150,7 +98,7 @@ def test_text_and_json(written: list[Path], inputs: Inputs) -> None:
     assert len(epochs["baseline"]) == EPOCHS and {"train_acc", "val_loss", "lr"} <= epochs["baseline"][0].keys()
 
 
-def test_without_baseline(inputs: Inputs, tmp_path: Path) -> None:
+def test_without_baseline(inputs: Finalized, tmp_path: Path) -> None:
     no_baseline = dataclasses.replace(inputs, metrics=dataclasses.replace(inputs.metrics, baseline=None))
     written = write(no_baseline, tmp_path, with_baseline=False)
     assert [p.name for p in written] == FILES
@@ -160,51 +108,34 @@ def test_without_baseline(inputs: Inputs, tmp_path: Path) -> None:
     assert "Baseline (the documented configuration" not in (tmp_path / "recalls_precisions.txt").read_text()
 
 
-def test_an_unwritable_folder_is_a_user_error_naming_it(inputs: Inputs, tmp_path: Path) -> None:
+def test_an_unwritable_folder_is_a_user_error_naming_it(inputs: Finalized, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match=re.escape(str(blocker / "final"))):
         write(inputs, blocker / "final")
 
 
-def test_one_seed_has_no_std(inputs: Inputs, tmp_path: Path) -> None:
-    one_seed = dataclasses.replace(inputs.metrics, seeds=[inputs.shipped.seed], best=aggregate([inputs.shipped]),
-                                   baseline=aggregate([inputs.baseline]))
+def test_one_seed_has_no_std(inputs: Finalized, tmp_path: Path) -> None:
+    one_seed = dataclasses.replace(
+        inputs.metrics,
+        seeds=[inputs.shipped.seed],
+        best=aggregate([inputs.shipped]),
+        baseline=aggregate([inputs.baseline]),
+    )
     write(dataclasses.replace(inputs, metrics=one_seed), tmp_path)
     page = (tmp_path / "report.html").read_text()
     assert "±" not in page and f"seed {inputs.shipped.seed} only, no spread" in page
     assert "±" not in (tmp_path / "recalls_precisions.txt").read_text()
 
 
-def test_summary_gives_each_configuration_over_seeds(inputs: Inputs, tmp_path: Path) -> None:
-    m = inputs.metrics
-    files = [tmp_path / "model.pt", tmp_path / "metrics.json"]
-    lines = summary_text(m, tmp_path, files).splitlines()
-    best = m.best
-    assert best.std is not None
-    assert lines[0] == (f"best trial 3 (val 0.6543): private_test {best.mean.private_test.accuracy:.4f} ± "
-                        f"{best.std.private_test.accuracy:.4f}, test_all {best.mean.test_all.accuracy:.4f} ± "
-                        f"{best.std.test_all.accuracy:.4f} (3 seeds)")
-    assert lines[1].startswith("baseline: private_test ") and lines[1].endswith(" (3 seeds)")
-    assert lines[2] == f"shipped seed {m.shipped_seed}; wrote 2 files to {tmp_path}"
-
-
-def test_summary_of_one_seed_without_baseline(inputs: Inputs, tmp_path: Path) -> None:
-    m = dataclasses.replace(inputs.metrics, best=aggregate([inputs.shipped]), baseline=None)
-    lines = summary_text(m, tmp_path, []).splitlines()
-    assert lines[0] == (f"best trial 3 (val 0.6543): private_test {inputs.shipped.private_test.accuracy:.4f}, "
-                        f"test_all {inputs.shipped.test_all.accuracy:.4f} (1 seed)")
-    assert lines[1] == "baseline: not retrained (--no-baseline)"
-
-
-def test_a_study_without_complete_trials_still_gets_every_file(inputs: Inputs, tmp_path: Path) -> None:
+def test_a_study_without_complete_trials_still_gets_every_file(inputs: Finalized, tmp_path: Path) -> None:
     written = write(dataclasses.replace(inputs, study=toy_study(n_complete=0)), tmp_path)
     assert [p.name for p in written] == FILES
     page = (tmp_path / "report.html").read_text()
     assert "The baseline has no complete trial in this study." in page and "PRUNED</td><td>1<" in page
 
 
-def test_a_study_optuna_cannot_plot_still_gets_every_file(inputs: Inputs, tmp_path: Path) -> None:
+def test_a_study_optuna_cannot_plot_still_gets_every_file(inputs: Finalized, tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
     assert [p.name for p in write(dataclasses.replace(inputs, study=study), tmp_path)] == FILES

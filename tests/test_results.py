@@ -7,62 +7,34 @@ import json
 
 import numpy as np
 import pytest
+from finalizing import BEST_PARAMS, fake_metrics, fake_run
 
 from fer_search.data import CLASSES
 from fer_search.metrics import ClassificationReport, ClassScores, classification_report
 from fer_search.model import BASELINE
 from fer_search.results import (
-    REPORTED_BASELINE,
     Aggregate,
-    BestTrial,
     Commands,
-    DataRecord,
     FinalMetrics,
     Protocol,
     SeedRun,
     aggregate,
 )
 
-EPOCHS = 8
-METRICS_KEYS = ["shipped_seed", "epochs", "seeds", "best_trial", "best", "baseline", "baseline_reported", "protocol",
-                "data", "commands", "versions", "git"]
-BEST_PARAMS = dataclasses.replace(BASELINE, lr=0.0021, dropout_pattern="none", dropout_high=None, dropout_low=None,
-                                  dropout_head=None)
-
-
-def fake_run(kind: str, seed: int, labels: np.ndarray, public_labels: np.ndarray) -> SeedRun:
-    """A run whose reports, predictions and history agree with each other."""
-    rng = np.random.default_rng([seed, kind == "best"])
-
-    def predict(y: np.ndarray) -> np.ndarray:
-        return np.where(rng.random(y.size) < 0.6, y, rng.integers(0, len(CLASSES), y.size))
-
-    pred, public_pred = predict(labels), predict(public_labels)
-    val_acc = np.sort(rng.uniform(0.3, 0.65, EPOCHS))
-    history = [{"epoch": e + 1, "train_loss": 1.8 - 0.1 * e, "train_acc": 0.3 + 0.04 * e, "val_loss": 1.7 - 0.08 * e,
-                "val_acc": float(val_acc[e]), "lr": 1e-3, "seconds": 2.0, "images_per_s": 9000.0}
-               for e in range(EPOCHS)]
-    return SeedRun(
-        kind=kind, seed=seed, best_epoch=EPOCHS, val_acc=float(val_acc[-1]), history=history,
-        private_test=classification_report(labels, pred, CLASSES),
-        test_all=classification_report(np.concatenate([public_labels, labels]), np.concatenate([public_pred, pred]),
-                                       CLASSES),
-        test_pred=pred.tolist(), test_conf=rng.uniform(0.2, 1.0, labels.size).tolist(),
-    )
-
-
-def fake_metrics(best: list[SeedRun], baseline: list[SeedRun] | None, commands: Commands) -> FinalMetrics:
-    """metrics.json of a finalize that retrained `best` (and `baseline`) on FER2013's PublicTest protocol."""
-    shipped = max(best, key=lambda r: r.val_acc)
-    return FinalMetrics(
-        shipped_seed=shipped.seed, epochs=EPOCHS, seeds=[r.seed for r in best],
-        best_trial=BestTrial(number=3, value=0.6543, params=BEST_PARAMS),
-        best=aggregate(best), baseline=aggregate(baseline) if baseline else None, baseline_reported=REPORTED_BASELINE,
-        protocol=Protocol.of(val_is_public_test=True),
-        data=DataRecord(path="fer2013", fingerprints={"train": "aaa111", "val": "bbb222", "test": "ccc333"}),
-        commands=commands, versions={"python": "3.11.7", "optuna": "5.0.0", "fer-search": None},
-        git={"commit": "0123abc", "dirty": False},
-    )
+METRICS_KEYS = [
+    "shipped_seed",
+    "epochs",
+    "seeds",
+    "best_trial",
+    "best",
+    "baseline",
+    "baseline_reported",
+    "protocol",
+    "data",
+    "commands",
+    "versions",
+    "git",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +47,17 @@ def runs() -> list[SeedRun]:
 def run_with(seed: int, y_true: list[int], y_pred: list[int]) -> SeedRun:
     """A run whose test splits are both the report of `y_pred` on three classes."""
     report = classification_report(np.array(y_true), np.array(y_pred), ("a", "b", "c"))
-    return SeedRun(kind="best", seed=seed, best_epoch=1, val_acc=0.5, history=[], private_test=report,
-                   test_all=report, test_pred=y_pred, test_conf=[1.0] * len(y_pred))
+    return SeedRun(
+        kind="best",
+        seed=seed,
+        best_epoch=1,
+        val_acc=0.5,
+        history=[],
+        private_test=report,
+        test_all=report,
+        test_pred=y_pred,
+        test_conf=[1.0] * len(y_pred),
+    )
 
 
 def test_a_seed_run_comes_back_from_its_json_typed(runs: list[SeedRun]) -> None:
@@ -87,8 +68,10 @@ def test_a_seed_run_comes_back_from_its_json_typed(runs: list[SeedRun]) -> None:
     assert isinstance(back.test_all.per_class["happy"], ClassScores)
     # Resume files written before the records existed hold the same JSON.
     assert SeedRun.from_json(json.dumps(dataclasses.asdict(run))) == run
-    assert json.loads(run.to_json())["private_test"]["per_class"]["happy"]["support"] == run.private_test.per_class[
-        "happy"].support
+    assert (
+        json.loads(run.to_json())["private_test"]["per_class"]["happy"]["support"]
+        == run.private_test.per_class["happy"].support
+    )
 
 
 def test_metrics_json_has_its_keys_in_order_and_comes_back(runs: list[SeedRun]) -> None:
@@ -98,17 +81,28 @@ def test_metrics_json_has_its_keys_in_order_and_comes_back(runs: list[SeedRun]) 
     assert list(doc) == METRICS_KEYS
     assert text.startswith('{\n  "shipped_seed": ')  # indented as metrics.json always was
     assert list(doc["best_trial"]) == ["number", "value", "params"] and doc["best_trial"]["params"] == {
-        **BASELINE.to_dict(), "lr": 0.0021, "dropout_pattern": "none", "dropout_high": None, "dropout_low": None,
-        "dropout_head": None}
+        **BASELINE.to_dict(),
+        "lr": 0.0021,
+        "dropout_pattern": "none",
+        "dropout_high": None,
+        "dropout_low": None,
+        "dropout_head": None,
+    }
     assert list(doc["best"]) == ["per_seed", "mean", "std"] and list(doc["best"]["per_seed"]) == ["0", "1", "2"]
     assert list(doc["best"]["per_seed"]["1"]) == ["val_acc", "best_epoch", "private_test", "test_all"]
     assert list(doc["best"]["mean"]) == ["private_test", "test_all"]
     assert list(doc["best"]["std"]["test_all"]) == ["accuracy", "macro_f1", "per_class", "confusion"]
     assert list(doc["best"]["mean"]["private_test"]["per_class"]["sad"]) == ["precision", "recall", "f1"]
-    assert doc["baseline_reported"] == {"accuracy": 0.61356,
-                                        "note": "reported by the documented project, on its own split"}
-    assert doc["protocol"] == {"train": "Training", "val": "PublicTest", "test": "PrivateTest",
-                               "test_all": "PublicTest + PrivateTest (includes the validation split)"}
+    assert doc["baseline_reported"] == {
+        "accuracy": 0.61356,
+        "note": "reported by the documented project, on its own split",
+    }
+    assert doc["protocol"] == {
+        "train": "Training",
+        "val": "PublicTest",
+        "test": "PrivateTest",
+        "test_all": "PublicTest + PrivateTest (includes the validation split)",
+    }
     assert list(doc["data"]) == ["path", "fingerprints"] and list(doc["commands"]) == ["run", "finalize"]
     back = FinalMetrics.from_json(text)
     assert back == metrics and back.to_json() == text
@@ -124,14 +118,18 @@ def test_metrics_without_baseline_or_run_command_come_back(runs: list[SeedRun]) 
 
 
 def test_protocol_without_public_test_names() -> None:
-    assert Protocol.of(val_is_public_test=False) == Protocol(train="Training", val="10% of train", test="test/",
-                                                             test_all="test/ (same as test)")
+    assert Protocol.of(val_is_public_test=False) == Protocol(
+        train="Training", val="10% of train", test="test/", test_all="test/ (same as test)"
+    )
 
 
 def test_aggregate_mean_and_sample_std_over_seeds() -> None:
     # Accuracies 2/4, 3/4, 4/4; class a's recall 1/2, 1, 1; the confusion counts differ in two cells.
-    seeds = [run_with(0, [0, 0, 1, 2], [0, 1, 1, 0]), run_with(1, [0, 0, 1, 2], [0, 0, 1, 0]),
-             run_with(2, [0, 0, 1, 2], [0, 0, 1, 2])]
+    seeds = [
+        run_with(0, [0, 0, 1, 2], [0, 1, 1, 0]),
+        run_with(1, [0, 0, 1, 2], [0, 0, 1, 0]),
+        run_with(2, [0, 0, 1, 2], [0, 0, 1, 2]),
+    ]
     agg = aggregate(seeds)
     assert list(agg.per_seed) == ["0", "1", "2"] and agg.per_seed["1"].private_test == seeds[1].private_test
     assert agg.mean.private_test.accuracy == pytest.approx(0.75)
