@@ -7,8 +7,9 @@ Feeds the study's finished trials, in their order, to a fresh in-memory study pe
 epoch until the pruner stops it. A trial the original study pruned has no curve past its pruning
 epoch: if a setting lets it go further, what it would have trained is unknown, so the replay
 gives two figures, counting such a trial as stopped there (low) or as trained to the end
-(high). It also says whether the study's best trial, and how many of its five best, survive. The sampler is not replayed: a
-study run with another pruner would have drawn other trials after its first prunings.
+(high). It also says whether the study's best trial, and how many of its five best, survive. The
+sampler is not replayed: a study run with another pruner would have drawn other trials after its
+first prunings.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ SETTINGS: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
 }
 
 
-def replay(trials: list[FrozenTrial], pruner: optuna.pruners.BasePruner, epochs: int,
-           name: str) -> tuple[int, int, set[int]]:
+def replay(
+    trials: list[FrozenTrial], pruner: optuna.pruners.BasePruner, epochs: int, name: str
+) -> tuple[int, int, set[int]]:
     """(epochs trained counting unknown tails as stopped, the same counting them as trained, survivors)."""
     # The original's name: Hyperband assigns trials to brackets by a hash of study name and number.
-    study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner,
-                                sampler=optuna.samplers.RandomSampler(0))
+    study = optuna.create_study(
+        study_name=name, direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(0)
+    )
     low = high = 0
     survivors = set()
     for recorded in trials:
@@ -71,13 +74,17 @@ def main() -> None:
     best = study.best_trial.number
     top5 = {t.number for t in sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: -t.value)[:5]}
     recorded = sum(len(t.intermediate_values) for t in trials)
-    print(f"study={args.study} trials={len(trials)} epochs={epochs} best_trial={best} "
-          f"recorded_epochs={recorded} unpruned_epochs={len(trials) * epochs}")
+    print(
+        f"study={args.study} trials={len(trials)} epochs={epochs} best_trial={best} "
+        f"recorded_epochs={recorded} unpruned_epochs={len(trials) * epochs}"
+    )
     for name, make in SETTINGS.items():
         low, high, survivors = replay(trials, make(epochs), epochs, args.study)
         share = f"{low / (len(trials) * epochs):.2f}-{high / (len(trials) * epochs):.2f}"
-        print(f"{name}: epochs {low}-{high} (share of unpruned {share}); {len(survivors)} run to the end; "
-              f"best trial {'kept' if best in survivors else 'PRUNED'}; {len(top5 & survivors)} of the top 5 kept")
+        print(
+            f"{name}: epochs {low}-{high} (share of unpruned {share}); {len(survivors)} run to the end; "
+            f"best trial {'kept' if best in survivors else 'PRUNED'}; {len(top5 & survivors)} of the top 5 kept"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,12 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=0, help="0 = the whole training set")
     parser.add_argument("--val-images", type=int, default=0, help="0 = all of PublicTest")
     parser.add_argument("--config", type=Path, help="a search.toml whose [pruner] and [space] to use")
-    parser.add_argument("--keep", type=Path, help="a new folder to keep the study in (default: a temporary one); "
-                                                  "`fer-search status --storage sqlite:///KEEP/b.db` watches it")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="a new folder to keep the study in (default: a temporary one); "
+        "`fer-search status --storage sqlite:///KEEP/b.db` watches it",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,11 +69,20 @@ def main() -> None:
             folder = args.keep.resolve()
         data = args.data
         if args.train_images or args.val_images:
-            data = linked_subset(args.data, folder / "data", args.train_images or 10**9, args.val_images or 10**9,
-                                 args.seed)
-        overrides = {"data.path": data, "data.cache_dir": folder / "cache", "study.storage": f"sqlite:///{folder}/b.db",
-                     "study.artifacts": folder / "artifacts", "run.trials": args.trials, "run.epochs": args.epochs,
-                     "run.workers": args.workers, "run.device": args.device, "run.seed": args.seed}
+            data = linked_subset(
+                args.data, folder / "data", args.train_images or 10**9, args.val_images or 10**9, args.seed
+            )
+        overrides = {
+            "data.path": data,
+            "data.cache_dir": folder / "cache",
+            "study.storage": f"sqlite:///{folder}/b.db",
+            "study.artifacts": folder / "artifacts",
+            "run.trials": args.trials,
+            "run.epochs": args.epochs,
+            "run.workers": args.workers,
+            "run.device": args.device,
+            "run.seed": args.seed,
+        }
         config = load_config(args.config or Path(__file__).resolve().parents[1] / "search.toml", overrides)
         start = time.perf_counter()
         run_search(config)
@@ -80,9 +93,11 @@ def main() -> None:
         unpruned = len(trials) * args.epochs
         print(f"machine={platform.node()} cpus={os.cpu_count()} device={args.device} workers={args.workers}")
         print(f"data={args.data} train_images={args.train_images or 'all'} val_images={args.val_images or 'all'}")
-        print(f"trials={len(trials)} complete={sum(t.state == TrialState.COMPLETE for t in trials)} "
-              f"pruned={sum(t.state == TrialState.PRUNED for t in trials)} best={study.best_value:.4f} "
-              f"baseline={study.trials[0].value:.4f}")
+        print(
+            f"trials={len(trials)} complete={sum(t.state == TrialState.COMPLETE for t in trials)} "
+            f"pruned={sum(t.state == TrialState.PRUNED for t in trials)} best={study.best_value:.4f} "
+            f"baseline={study.trials[0].value:.4f}"
+        )
         print(f"wall_seconds={seconds:.1f}")
         print(f"trials_per_hour={len(trials) / seconds * 3600:.1f}")
         print(f"epochs_run={epochs_run}")

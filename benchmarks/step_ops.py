@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 import subprocess
 import sys
@@ -40,8 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fer_search.augment
 import fer_search.train
-from fer_search.model import build_model
-from fer_search.model import BASELINE
+from fer_search.model import BASELINE, build_model
 from fer_search.train import configure_cpu_threads
 
 BATCH = 128
@@ -79,11 +79,13 @@ def count(fn: Callable[[], Any]) -> CountOps:
 
 def code_at(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
     """(augment, train) modules of `rev`, the old train bound to the old augment."""
+
     def load(name: str, path: str) -> types.ModuleType:
         module = types.ModuleType(name)
         module.__file__ = f"{rev}:{path}"
-        source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
-                                capture_output=True, text=True).stdout
+        source = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
         exec(compile(source, module.__file__, "exec"), module.__dict__)
         return module
 
@@ -139,8 +141,14 @@ def step_counts(train: types.ModuleType, fused: bool) -> tuple[tuple[int, int], 
 def counts(augment: types.ModuleType, train: types.ModuleType) -> dict[str, CountOps | tuple[int, int]]:
     step, overhead, optimizer = step_counts(train, fused=False)
     fused_step, _, fused_optimizer = step_counts(train, fused=True)
-    return {"step": step, "epoch overhead": overhead, "augmentation": count(augmentation(augment)),
-            "optimizer": optimizer, "step, fused Adam": fused_step, "optimizer, fused Adam": fused_optimizer}
+    return {
+        "step": step,
+        "epoch overhead": overhead,
+        "augmentation": count(augmentation(augment)),
+        "optimizer": optimizer,
+        "step, fused Adam": fused_step,
+        "optimizer, fused Adam": fused_optimizer,
+    }
 
 
 def show(label: str, figures: dict[str, CountOps | tuple[int, int]]) -> None:
@@ -169,8 +177,8 @@ def speed(ref: tuple[types.ModuleType, types.ModuleType], rounds: int) -> None:
     step_s: dict[str, list[float]] = {name: [] for name in code}
     augment_ms: dict[str, list[float]] = {name: [] for name in code}
     for r in range(rounds):
-        for name in (list(code) if r % 2 else list(reversed(code))):
-            step_s[name].append(timed(lambda: learners[name].epoch(8), 1) / 8)
+        for name in list(code) if r % 2 else list(reversed(code)):
+            step_s[name].append(timed(functools.partial(learners[name].epoch, 8), 1) / 8)
             augment_ms[name].append(1000 * timed(augments[name], 50))
     for label, values, unit in (("step", step_s, "s"), ("augmentation", augment_ms, "ms")):
         for name, v in values.items():

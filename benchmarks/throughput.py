@@ -21,8 +21,7 @@ from torchvision import datasets, transforms
 
 from fer_search.augment import CROP_SCALE, MEAN, PAD, STD
 from fer_search.data import SIZE, FerData, load_data
-from fer_search.model import build_model
-from fer_search.model import BASELINE
+from fer_search.model import BASELINE, build_model
 from fer_search.train import EpochRecord, TrainSettings, configure_cpu_threads, train_model
 
 BATCH = BASELINE.batch_size
@@ -66,8 +65,9 @@ def main() -> None:
         print(f"{key}={value}")
 
 
-def throughput(data_path: Path, device: torch.device, images: int | None = None, repeats: int = 3,
-               cache_dir: Path | None = None) -> dict[str, Any]:
+def throughput(
+    data_path: Path, device: torch.device, images: int | None = None, repeats: int = 3, cache_dir: Path | None = None
+) -> dict[str, Any]:
     """The run's figures, by name: the header, each pipeline's median images/s and its rounds, the ratios.
 
     `images` defaults to CPU_IMAGES on a CPU (fewer where the training set is smaller) and the whole
@@ -93,8 +93,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--data", type=Path, required=True, help="FER2013 image folders (train/<class>/*.jpg)")
     parser.add_argument("--cache-dir", type=Path, help="fer_search's data cache (default: a temporary folder)")
-    parser.add_argument("--images", type=int,
-                        help=f"training images per pass (default {CPU_IMAGES} on cpu, all on cuda)")
+    parser.add_argument(
+        "--images", type=int, help=f"training images per pass (default {CPU_IMAGES} on cpu, all on cuda)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds after the warm-up round (default 3)")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
@@ -146,8 +147,9 @@ def make_learner(device: torch.device, *, trainer_numerics: bool) -> Learner:
     model = build_model(BASELINE).to(device)
     if trainer_numerics:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay,
-                                 fused=fast or None)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay, fused=fast or None
+    )
     return Learner(model, optimizer, trainer_numerics, fast)
 
 
@@ -192,10 +194,15 @@ def full_epoch_seconds(data: FerData, device: torch.device) -> float:
 
 def subset(data: FerData, indices: torch.Tensor) -> FerData:
     """The training images at `indices` and the first VAL_IMAGES validation images."""
-    train = dataclasses.replace(data.train, x=data.train.x[indices], y=data.train.y[indices],
-                                names=tuple(data.train.names[i] for i in indices.tolist()))
-    val = dataclasses.replace(data.val, x=data.val.x[:VAL_IMAGES], y=data.val.y[:VAL_IMAGES],
-                              names=data.val.names[:VAL_IMAGES])
+    train = dataclasses.replace(
+        data.train,
+        x=data.train.x[indices],
+        y=data.train.y[indices],
+        names=tuple(data.train.names[i] for i in indices.tolist()),
+    )
+    val = dataclasses.replace(
+        data.val, x=data.val.x[:VAL_IMAGES], y=data.val.y[:VAL_IMAGES], names=data.val.names[:VAL_IMAGES]
+    )
     return dataclasses.replace(data, train=train, val=val, test=None)
 
 
@@ -204,18 +211,25 @@ def _reference_loader(root: Path, indices: torch.Tensor, device: torch.device) -
 
     ImageFolder sorts classes and files as load_data sorts names, so `indices` pick the same images.
     """
-    transform = transforms.Compose([
-        transforms.Grayscale(1),
-        transforms.Pad(PAD, padding_mode="reflect"),
-        transforms.RandomResizedCrop(SIZE, scale=CROP_SCALE),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Grayscale(1),
+            transforms.Pad(PAD, padding_mode="reflect"),
+            transforms.RandomResizedCrop(SIZE, scale=CROP_SCALE),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
     folder = datasets.ImageFolder(str(root / "train"), transform=transform)
-    return DataLoader(Subset(folder, indices.tolist()), batch_size=BATCH, shuffle=True,
-                      num_workers=os.cpu_count() or 1, persistent_workers=True,
-                      pin_memory=device.type == "cuda")
+    return DataLoader(
+        Subset(folder, indices.tolist()),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=os.cpu_count() or 1,
+        persistent_workers=True,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -253,7 +267,8 @@ def _rate_figures(rates: Rates) -> dict[str, Any]:
         figures[f"{name}_rounds"] = ",".join(f"{v:.1f}" for v in values)
     figures["ratio_vs_reference"] = round(statistics.median(t / r for t, r in zip(rates.trainer, rates.reference)), 2)
     figures["fraction_of_compute_bound"] = round(
-        statistics.median(t / b for t, b in zip(rates.trainer, rates.compute_bound)), 2)
+        statistics.median(t / b for t, b in zip(rates.trainer, rates.compute_bound)), 2
+    )
     return figures
 
 

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_search.model import Dropout, build_model
-from fer_search.model import BASELINE
+from fer_search.model import BASELINE, Dropout, build_model
 from fer_search.train import configure_cpu_threads
 
 BATCH = 128
@@ -35,11 +34,16 @@ def learner(fast_dropout: bool, channels_last: bool) -> tuple[nn.Module, torch.o
                     setattr(module, name, nn.Dropout(child.p))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay), channels_last
+    return (
+        model,
+        torch.optim.Adam(model.parameters(), lr=BASELINE.lr, weight_decay=BASELINE.weight_decay),
+        channels_last,
+    )
 
 
-def images_per_s(learner: tuple[nn.Module, torch.optim.Optimizer, bool], x: torch.Tensor, y: torch.Tensor,
-                 steps: int) -> float:
+def images_per_s(
+    learner: tuple[nn.Module, torch.optim.Optimizer, bool], x: torch.Tensor, y: torch.Tensor, steps: int
+) -> float:
     model, optimizer, channels_last = learner
     xb = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     start = time.perf_counter()
@@ -59,13 +63,17 @@ def main() -> None:
     configure_cpu_threads(1)
     torch.manual_seed(0)
     x, y = torch.randn(BATCH, 1, 48, 48), torch.randint(0, 7, (BATCH,))
-    variants = {"standard+nn.Dropout": learner(False, False), "channels_last+nn.Dropout": learner(False, True),
-                "channels_last+Dropout": learner(True, True), "standard+Dropout": learner(True, False)}
+    variants = {
+        "standard+nn.Dropout": learner(False, False),
+        "channels_last+nn.Dropout": learner(False, True),
+        "channels_last+Dropout": learner(True, True),
+        "standard+Dropout": learner(True, False),
+    }
     for v in variants.values():  # warm-up
         images_per_s(v, x, y, 2)
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name, v in (variants.items() if r % 2 else reversed(list(variants.items()))):
+        for name, v in variants.items() if r % 2 else reversed(list(variants.items())):
             rates[name].append(images_per_s(v, x, y, args.steps))
     print(f"threads={torch.get_num_threads()} torch={torch.__version__} rounds={args.rounds} steps={args.steps}")
     for name, values in rates.items():

@@ -22,9 +22,13 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x * (1 / (255 * STD))).sub_(MEAN / STD)
 
 
-def sample_crop_boxes(n: int, generator: torch.Generator, size: int = 56,
-                      scale: tuple[float, float] = CROP_SCALE,
-                      ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+def sample_crop_boxes(
+    n: int,
+    generator: torch.Generator,
+    size: int = 56,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> torch.Tensor:
     """(n,4) float boxes (top, left, height, width) in a size x size image, on the generator's device.
 
     Same distribution as torchvision's RandomResizedCrop.get_params: up to CANDIDATES draws of
@@ -51,8 +55,7 @@ def sample_crop_boxes(n: int, generator: torch.Generator, size: int = 56,
     return torch.stack([top, left, h, w], dim=1)
 
 
-def crop_resize_flip(padded: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
-                     out_size: int = 48) -> torch.Tensor:
+def crop_resize_flip(padded: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size: int = 48) -> torch.Tensor:
     """Crop each image's box, resize it to out_size (bilinear) and mirror where flip, in one grid_sample.
 
     Equals torchvision's resized_crop (antialias off) then hflip: output pixel k samples the
@@ -63,8 +66,13 @@ def crop_resize_flip(padded: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
     _, _, height, width = padded.shape
     x, y = _sample_positions(boxes.to(device=padded.device, dtype=padded.dtype), flip.to(padded.device), out_size)
     # align_corners=False: -1 and 1 are the image's outer edges, so an edge position p maps to p * 2/size - 1.
-    return F.grid_sample(padded, _grid(x * (2 / width) - 1, y * (2 / height) - 1), mode="bilinear",
-                         padding_mode="border", align_corners=False)
+    return F.grid_sample(
+        padded,
+        _grid(x * (2 / width) - 1, y * (2 / height) - 1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
 
 
 def plan_augmentation(n: int, generator: torch.Generator, size: int = 48) -> torch.Tensor:
@@ -95,8 +103,9 @@ def apply_plan(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """
     # Normalising before the resample is equivalent: bilinear weights sum to 1.
     grid_x, grid_y = rows.unbind(dim=1)
-    return F.grid_sample(normalize(x), _grid(grid_x, grid_y), mode="bilinear", padding_mode="reflection",
-                         align_corners=True)
+    return F.grid_sample(
+        normalize(x), _grid(grid_x, grid_y), mode="bilinear", padding_mode="reflection", align_corners=True
+    )
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

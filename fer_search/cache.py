@@ -88,8 +88,15 @@ def _write_arrays(cache_dir: Path, arrays: Arrays) -> None:
     """Stores decoded arrays under their fingerprint (uncompressed: loading is the hot path)."""
 
     def write(file: BinaryIO) -> None:
-        np.savez(file, version=np.array(_CACHE_VERSION), fingerprint=np.array(arrays.fingerprint), x=arrays.x,
-                 y=arrays.y, names=arrays.names, converted=arrays.converted)
+        np.savez(
+            file,
+            version=np.array(_CACHE_VERSION),
+            fingerprint=np.array(arrays.fingerprint),
+            x=arrays.x,
+            y=arrays.y,
+            names=arrays.names,
+            converted=arrays.converted,
+        )
 
     _write_cache_file(_arrays_path(cache_dir, arrays.fingerprint), write)
 

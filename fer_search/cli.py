@@ -43,7 +43,9 @@ def _config(config: Path | None, **overrides: Any) -> Any:
     return load_config(config, {k: v for k, v in overrides.items() if v is not None})
 
 
-config_option = click.option("--config", type=click.Path(path_type=Path), help="search.toml to read (default ./search.toml)")
+config_option = click.option(
+    "--config", type=click.Path(path_type=Path), help="search.toml to read (default ./search.toml)"
+)
 study_option = click.option("--study", help="study name (study.name)")
 storage_option = click.option("--storage", help="storage URL, e.g. sqlite:///studies/fer2013.db or postgresql://...")
 data_option = click.option("--data", type=click.Path(path_type=Path), help="FER2013 folder or fer2013.csv (data.path)")
@@ -61,24 +63,50 @@ device_option = click.option("--device", help="auto, cpu, cuda or cuda:K")
 @click.option("--workers", type=int, help="worker processes on this machine")
 @click.option("--seed", type=int, help="base random seed")
 @click.option("--timeout", type=float, help="stop taking trials after this many seconds")
-@click.option("--ignore-mismatch", is_flag=True, default=None, help="continue a study whose data, space or epochs changed")
-def run(trials: int | None, study: str | None, storage: str | None, data: Path | None, config: Path | None,
-        epochs: int | None, device: str | None, workers: int | None, seed: int | None, timeout: float | None,
-        ignore_mismatch: bool | None) -> None:
+@click.option(
+    "--ignore-mismatch", is_flag=True, default=None, help="continue a study whose data, space or epochs changed"
+)
+def run(
+    trials: int | None,
+    study: str | None,
+    storage: str | None,
+    data: Path | None,
+    config: Path | None,
+    epochs: int | None,
+    device: str | None,
+    workers: int | None,
+    seed: int | None,
+    timeout: float | None,
+    ignore_mismatch: bool | None,
+) -> None:
     """Search until the study holds --trials finished trials."""
     from fer_search.search import run_search
 
-    cfg = _config(config, **{"run.trials": trials, "study.name": study, "study.storage": storage, "data.path": data,
-                             "run.epochs": epochs, "run.device": device, "run.workers": workers, "run.seed": seed,
-                             "run.timeout": timeout, "run.ignore_mismatch": ignore_mismatch})
+    cfg = _config(
+        config,
+        **{
+            "run.trials": trials,
+            "study.name": study,
+            "study.storage": storage,
+            "data.path": data,
+            "run.epochs": epochs,
+            "run.device": device,
+            "run.workers": workers,
+            "run.seed": seed,
+            "run.timeout": timeout,
+            "run.ignore_mismatch": ignore_mismatch,
+        },
+    )
     live = _LiveLines() if sys.stderr.isatty() else None
     try:
         with logging_to(live):
             outcome = run_search(cfg, live, command_line(click.get_current_context()))
     except KeyboardInterrupt:
-        click.echo("\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
-                   f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
-                   err=True)
+        click.echo(
+            "\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
+            f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
+            err=True,
+        )
         sys.exit(INTERRUPTED)
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
@@ -113,8 +141,9 @@ class _LiveLines:
             return
         best = "-" if p.best is None else f"{p.best:.4f}"
         if p.state == "RUNNING":
-            self.lines[p.worker] = (f"[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} "
-                                    f"val_acc {p.val_acc:.4f} best {best}")
+            self.lines[p.worker] = (
+                f"[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} val_acc {p.val_acc:.4f} best {best}"
+            )
             self._draw()
         else:
             self.lines.pop(p.worker, None)
@@ -174,8 +203,11 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 
     cfg = _config(config, **{"study.storage": storage, "study.artifacts": artifacts})
     if host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"warning: serving on {host}: optuna-dashboard has no authentication and anyone who can "
-                   "reach it can delete studies", err=True)
+        click.echo(
+            f"warning: serving on {host}: optuna-dashboard has no authentication and anyone who can "
+            "reach it can delete studies",
+            err=True,
+        )
     serve_dashboard(cfg.study.storage, cfg.study.artifacts, host, port, _print_line)
 
 
@@ -190,16 +222,35 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default studies/<study>/final)")
 @click.option("--jobs", type=int, help="seed runs trained at once, in as many processes sharing the device")
-def finalize(study: str | None, storage: str | None, data: Path | None, config: Path | None, epochs: int | None,
-             seeds: int | None, no_baseline: bool | None, device: str | None, out: Path | None,
-             jobs: int | None) -> None:
+def finalize(
+    study: str | None,
+    storage: str | None,
+    data: Path | None,
+    config: Path | None,
+    epochs: int | None,
+    seeds: int | None,
+    no_baseline: bool | None,
+    device: str | None,
+    out: Path | None,
+    jobs: int | None,
+) -> None:
     """Retrain the best trial and the baseline, evaluate on the test set, write the reports."""
     from fer_search.finalize import finalize_study
 
-    cfg = _config(config, **{"study.name": study, "study.storage": storage, "data.path": data,
-                             "finalize.epochs": epochs, "finalize.seeds": seeds, "run.device": device,
-                             "finalize.out": out, "finalize.baseline": None if no_baseline is None else not no_baseline,
-                             "finalize.jobs": jobs})
+    cfg = _config(
+        config,
+        **{
+            "study.name": study,
+            "study.storage": storage,
+            "data.path": data,
+            "finalize.epochs": epochs,
+            "finalize.seeds": seeds,
+            "run.device": device,
+            "finalize.out": out,
+            "finalize.baseline": None if no_baseline is None else not no_baseline,
+            "finalize.jobs": jobs,
+        },
+    )
     summary = finalize_study(cfg, command_line(click.get_current_context()), _print_line)
     click.echo(summary)
 
@@ -214,7 +265,9 @@ def _print_line(text: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-def predict(model: Path | None, study: str | None, config: Path | None, as_json: bool, images: tuple[Path, ...]) -> None:
+def predict(
+    model: Path | None, study: str | None, config: Path | None, as_json: bool, images: tuple[Path, ...]
+) -> None:
     """Expression and probabilities for each IMAGE."""
     from fer_search.predict import load_model, predict_images
 

@@ -194,7 +194,7 @@ def absolute_sqlite_url(url: str, base: Path) -> str:
     """sqlite:///rel/path.db -> sqlite:////abs/path.db; other URLs unchanged."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
-        return prefix + str(base / url[len(prefix):])
+        return prefix + str(base / url[len(prefix) :])
     return url
 
 
@@ -265,13 +265,15 @@ def _parse_space_value(key: str, value: Any, hint: Any, label: str) -> Any:
 
 
 # Numeric keys and their least allowed value (checked after the merge, as types cannot say it).
+# A table: a few keys a line reads better than one key a line.
+# fmt: off
 AT_LEAST: dict[str, float] = {
     "run.trials": 1, "run.epochs": 1, "run.workers": 1, "run.heartbeat_interval": 1, "run.grace_period": 1,
     "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
     "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
-    "pruner.reduction_factor": 2, "finalize.seeds": 1, "finalize.epochs": 0,
-    "finalize.jobs": 1,
+    "pruner.reduction_factor": 2, "finalize.seeds": 1, "finalize.epochs": 0, "finalize.jobs": 1,
 }
+# fmt: on
 
 
 def _check_consistency(config: Config, origins: dict[str, str]) -> None:
@@ -284,8 +286,7 @@ def _check_consistency(config: Config, origins: dict[str, str]) -> None:
         raise UserError(f"{where(key)}: {key} = {_show(_value(config, key))}: {problem}")
 
     s = config.space
-    allowed = {"dropout_pattern": PATTERNS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
-               "linear_depth": (1, 2, 3)}
+    allowed = {"dropout_pattern": PATTERNS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "linear_depth": (1, 2, 3)}
     for key, choices in allowed.items():
         for v in getattr(s, key):
             if v not in choices:
@@ -310,8 +311,10 @@ def _check_consistency(config: Config, origins: dict[str, str]) -> None:
     if r.wait_poll_s <= 0:  # time.sleep refuses a negative; 0 would spin on the database
         fail("run.wait_poll_s", "must be > 0")
     if r.grace_period <= r.heartbeat_interval:
-        fail("run.grace_period", f"must exceed run.heartbeat_interval = {r.heartbeat_interval} "
-                                 f"({where('run.heartbeat_interval')})")
+        fail(
+            "run.grace_period",
+            f"must exceed run.heartbeat_interval = {r.heartbeat_interval} ({where('run.heartbeat_interval')})",
+        )
     if config.pruner.kind not in PRUNERS:
         fail("pruner.kind", f"not one of {', '.join(PRUNERS)}")
     if not 0 < config.pruner.percentile < 100:

@@ -65,8 +65,13 @@ def load_data(
 
 def load_configured(config: DataConfig, *, with_test: bool = False) -> FerData:
     """load_data with the [data] settings of search.toml: the one way `run` and `finalize` read a data set."""
-    return load_data(config.path, config.cache_dir, with_test=with_test, val_fraction=config.val_fraction,
-                     split_seed=config.split_seed)
+    return load_data(
+        config.path,
+        config.cache_dir,
+        with_test=with_test,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+    )
 
 
 def check_data(path: Path, cache_dir: Path, *, val_fraction: float = 0.1, split_seed: int = 0) -> dict[str, Any]:

@@ -54,8 +54,11 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: tuple
         accuracy=float(tp.sum() / total) if total else 0.0,
         macro_f1=float(f1.mean()),
         n=total,
-        per_class={c: ClassScores(precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]),
-                                  support=int(actual[i]))
-                   for i, c in enumerate(classes)},
+        per_class={
+            c: ClassScores(
+                precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]), support=int(actual[i])
+            )
+            for i, c in enumerate(classes)
+        },
         confusion=cm.tolist(),
     )

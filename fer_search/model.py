@@ -39,9 +39,18 @@ class TrialParams:
 
 # The documented hand-tuned model ("the baseline"): trial 0 of every study.
 BASELINE = TrialParams(
-    dropout_pattern="interlaced", dropout_high=0.5, dropout_low=0.3, dropout_head=0.5,
-    lr=1e-3, weight_decay=1e-4, batch_size=128, linear_depth=2, optimizer="adam",
-    scheduler="plateau", width=1.0, convs_per_block=1,
+    dropout_pattern="interlaced",
+    dropout_high=0.5,
+    dropout_low=0.3,
+    dropout_head=0.5,
+    lr=1e-3,
+    weight_decay=1e-4,
+    batch_size=128,
+    linear_depth=2,
+    optimizer="adam",
+    scheduler="plateau",
+    width=1.0,
+    convs_per_block=1,
 )
 
 
@@ -141,8 +150,7 @@ def _head_dropout(params: TrialParams) -> float | None:
 def _conv_block(in_ch: int, out_ch: int, convs: int, dropout: float | None) -> nn.Sequential:
     layers: list[nn.Module] = []
     for k in range(convs):
-        layers += [nn.Conv2d(in_ch if k == 0 else out_ch, out_ch, 3, padding=1),
-                   nn.BatchNorm2d(out_ch), nn.ReLU()]
+        layers += [nn.Conv2d(in_ch if k == 0 else out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.ReLU()]
     layers.append(nn.MaxPool2d(2))
     if dropout is not None:
         layers.append(Dropout(float(dropout)))

@@ -57,8 +57,9 @@ class OutOfMemory(RuntimeError):
 class Objective:
     """Train one trial: report every epoch's validation accuracy, checkpoint, prune."""
 
-    def __init__(self, config: Config, data: FerData, device: torch.device, worker: int,
-                 progress: ProgressFn | None) -> None:
+    def __init__(
+        self, config: Config, data: FerData, device: torch.device, worker: int, progress: ProgressFn | None
+    ) -> None:
         self.config = config
         self.data = data
         self.device = device
@@ -114,16 +115,19 @@ class Objective:
         trial.set_user_attr("best_epoch", result.best_epoch)
         return result.best_val_acc
 
-    def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams,
-                           inherited: list[str]) -> Checkpoint | None:
+    def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams, inherited: list[str]) -> Checkpoint | None:
         """The newest loadable checkpoint among `inherited` (newest first); None = epoch 1."""
         for artifact_id in inherited:
             try:
                 with self.store.open_reader(artifact_id) as f:
                     ckpt = Checkpoint.from_bytes(f.read())
             except Exception as e:  # missing, truncated or foreign: an older one, or start over; never crash
-                log.warning("trial %d: checkpoint %s unusable (%s); trying an older one", trial.number, artifact_id,
-                            type(e).__name__)
+                log.warning(
+                    "trial %d: checkpoint %s unusable (%s); trying an older one",
+                    trial.number,
+                    artifact_id,
+                    type(e).__name__,
+                )
                 continue
             if ckpt.resumes(params, self.config.run.epochs, self.device):
                 log.info("trial %d resumes from epoch %d", trial.number, len(ckpt.history))
@@ -145,8 +149,9 @@ def inherited_checkpoints(trial: optuna.Trial) -> list[str]:
 class _TrialState:
     """Per-trial bookkeeping behind the epoch callback."""
 
-    def __init__(self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float,
-                 inherited: list[str]) -> None:
+    def __init__(
+        self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float, inherited: list[str]
+    ) -> None:
         self.trial, self.objective, self.params, self.started = trial, objective, params, started
         self.inherited = inherited  # checkpoints of the trials this one continues
         self.records: list[EpochRecord] = []
@@ -159,12 +164,23 @@ class _TrialState:
         trial, config = self.trial, self.objective.config
         # Checkpoint before reporting, so that whoever sees an epoch in the study (a rescuing
         # worker, the dashboard, a test) never finds an older checkpoint than it expects.
-        if record.epoch < config.run.epochs and time.monotonic() - self.last_checkpoint >= config.run.checkpoint_every_s:
+        if (
+            record.epoch < config.run.epochs
+            and time.monotonic() - self.last_checkpoint >= config.run.checkpoint_every_s
+        ):
             self._save(checkpoint(), record.epoch)
         trial.report(record.val_acc, record.epoch)
         if self.objective.progress:
-            self.objective.progress(Progress(self.objective.worker, trial.number, record.epoch, config.run.epochs,
-                                             record.val_acc, self.best_before))
+            self.objective.progress(
+                Progress(
+                    self.objective.worker,
+                    trial.number,
+                    record.epoch,
+                    config.run.epochs,
+                    record.val_acc,
+                    self.best_before,
+                )
+            )
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
@@ -178,8 +194,9 @@ class _TrialState:
         try:
             self.objective.store.write(self.artifact_id, buffer)  # keeps only the latest
         except OSError as e:  # a full disk costs the trial its resumability, not its life
-            log.warning("trial %d: cannot write its checkpoint (%s); training on without one",
-                        self.trial.number, first_line(e))
+            log.warning(
+                "trial %d: cannot write its checkpoint (%s); training on without one", self.trial.number, first_line(e)
+            )
             return
         if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
             self.trial.set_user_attr("checkpoint", self.artifact_id)
@@ -215,4 +232,5 @@ class _TrialState:
 def is_out_of_memory(error: RuntimeError) -> bool:
     """CUDA's own out-of-memory error, or cuDNN's and cuBLAS's failed allocations."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or any(
-        marker in str(error) for marker in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED"))
+        marker in str(error) for marker in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+    )

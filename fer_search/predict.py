@@ -55,15 +55,22 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(path: Path, state: dict[str, torch.Tensor], params: TrialParams, classes: tuple[str, ...],
-               meta: dict[str, Any]) -> None:
+def save_model(
+    path: Path, state: dict[str, torch.Tensor], params: TrialParams, classes: tuple[str, ...], meta: dict[str, Any]
+) -> None:
     """Write model.pt atomically: only tensors and plain values, so weights_only loading works.
 
     The weights are stored compactly (compact_state); pass a state already compacted to have the file
     hold exactly the weights you evaluated.
     """
-    doc = {"format": FORMAT, "state_dict": compact_state(state), "params": params.to_dict(), "classes": list(classes),
-           "normalization": {"mean": MEAN, "std": STD}, "meta": meta}
+    doc = {
+        "format": FORMAT,
+        "state_dict": compact_state(state),
+        "params": params.to_dict(),
+        "classes": list(classes),
+        "normalization": {"mean": MEAN, "std": STD},
+        "meta": meta,
+    }
     buffer = io.BytesIO()
     torch.save(doc, buffer)
     write_file(path, buffer.getvalue())
@@ -78,8 +85,10 @@ def load_model(path: Path | str) -> LoadedModel:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # weights_only met an object that could run code
-            raise UserError(f"{path}: holds objects other than tensors and plain values; refusing to load it "
-                            "(only model.pt files written by `fer-search finalize` are accepted)") from None
+            raise UserError(
+                f"{path}: holds objects other than tensors and plain values; refusing to load it "
+                "(only model.pt files written by `fer-search finalize` are accepted)"
+            ) from None
         raise UserError(f"{path}: not a readable model file (damaged or not written by torch.save)") from None
     # torch.load raises many types on files that are not its own (KeyError, RuntimeError, EOFError, ...).
     except Exception as e:
@@ -89,8 +98,9 @@ def load_model(path: Path | str) -> LoadedModel:
     try:
         return _model_from_document(doc)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{path}: a damaged fer-search model file ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())[:200]})") from None
+        raise UserError(
+            f"{path}: a damaged fer-search model file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
 
 
 def _model_from_document(doc: dict[str, Any]) -> LoadedModel:
@@ -102,8 +112,9 @@ def _model_from_document(doc: dict[str, Any]) -> LoadedModel:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise TypeError("classes must be a non-empty list of names")
     params = TrialParams.from_dict(doc["params"])
-    return LoadedModel(model_from_state(params, doc["state_dict"], len(classes)), params, tuple(classes),
-                       doc.get("meta", {}))
+    return LoadedModel(
+        model_from_state(params, doc["state_dict"], len(classes)), params, tuple(classes), doc.get("meta", {})
+    )
 
 
 def model_from_state(params: TrialParams, state: dict[str, torch.Tensor], num_classes: int) -> nn.Module:
@@ -130,6 +141,9 @@ def predict_images(loaded: LoadedModel, paths: list[Path]) -> list[Prediction]:
         arrays.append(torch.from_numpy(decode_image(raw, str(p))[0]))
     x = torch.stack(arrays).unsqueeze(1)
     probs = probabilities(loaded.model, x)
-    return [Prediction(Path(p), loaded.classes[int(row.argmax())],
-                       {c: round(float(v), 6) for c, v in zip(loaded.classes, row)})
-            for p, row in zip(paths, probs)]
+    return [
+        Prediction(
+            Path(p), loaded.classes[int(row.argmax())], {c: round(float(v), 6) for c, v in zip(loaded.classes, row)}
+        )
+        for p, row in zip(paths, probs)
+    ]

@@ -42,8 +42,13 @@ def worker_device(name: str, worker_index: int) -> torch.device:
     return device
 
 
-def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
-               progress: ProgressFn | None = None, command: str | None = None) -> RunOutcome:
+def run_worker(
+    config: Config,
+    worker_index: int = 0,
+    local_workers: int = 1,
+    progress: ProgressFn | None = None,
+    command: str | None = None,
+) -> RunOutcome:
     """Take trials until the study holds config.run.trials finished ones, counted over all workers."""
     quiet_optuna()
     configure_cpu_threads(local_workers)
@@ -52,14 +57,24 @@ def run_worker(config: Config, worker_index: int = 0, local_workers: int = 1,
     run = config.run
     heartbeat = Heartbeat(run.heartbeat_interval, run.grace_period, run.max_retry)
     with opened_storage(config.study.storage, heartbeat) as storage:
-        study = ensure_study(config, storage, study_record(config, data.fingerprints), make_sampler(run.seed, worker_index),
-                             make_pruner(config.pruner, run.epochs), command)
+        study = ensure_study(
+            config,
+            storage,
+            study_record(config, data.fingerprints),
+            make_sampler(run.seed, worker_index),
+            make_pruner(config.pruner, run.epochs),
+            command,
+        )
         retry = storage.get_heartbeat_stale_trial_callback()
         return _take_trials(study, Objective(config, data, device, worker_index, progress), progress, retry)
 
 
-def _take_trials(study: optuna.Study, objective: Objective, progress: ProgressFn | None,
-                 retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> RunOutcome:
+def _take_trials(
+    study: optuna.Study,
+    objective: Objective,
+    progress: ProgressFn | None,
+    retry: Callable[[optuna.Study, FrozenTrial], None] | None,
+) -> RunOutcome:
     run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
     orphans = OrphanWatch(run.grace_period, retry)
@@ -111,8 +126,11 @@ class OrphanWatch:
 
     def fail_and_retry(self, study: optuna.Study) -> None:
         now = time.monotonic()
-        unstarted = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                     if t.user_attrs.get(STARTED) != t.number]
+        unstarted = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(STARTED) != t.number
+        ]
         self.first_seen = {n: self.first_seen.get(n, now) for n in unstarted}
         for number in [n for n, seen in self.first_seen.items() if now - seen >= self.grace_period]:
             try:
@@ -128,8 +146,17 @@ def _report_end(study: optuna.Study, objective: Objective, number: int | None, p
     if progress is None or number is None:
         return
     t = trial_numbered(study, number)
-    progress(Progress(objective.worker, t.number, t.user_attrs.get("epochs_run", 0), objective.config.run.epochs,
-                      t.value if t.value is not None else float("nan"), best_value(study), t.state.name))
+    progress(
+        Progress(
+            objective.worker,
+            t.number,
+            t.user_attrs.get("epochs_run", 0),
+            objective.config.run.epochs,
+            t.value if t.value is not None else float("nan"),
+            best_value(study),
+            t.state.name,
+        )
+    )
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
@@ -159,8 +186,10 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
         ensure_study(config, storage, study_record(config, data.fingerprints), command=command)
     ctx = spawn_context()
     queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
-             for i in range(k)]
+    procs = [
+        ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
+        for i in range(k)
+    ]
     for p in procs:
         p.start()
     try:
@@ -193,6 +222,7 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
 
 def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
     """Ctrl-C to the local workers still running after `grace_s` seconds, then wait for all to end."""
+
     def discard() -> None:
         while not queue.empty():
             queue.get()
@@ -202,6 +232,7 @@ def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
     """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+
     def work() -> None:
         with logging_to(queue.put if live else None):  # live, the parent prints the log lines above its progress lines
             run_worker(config, index, k, queue.put if live else None)

@@ -22,15 +22,20 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
     baselines = [t for t in trials if t.user_attrs.get("baseline")]
     finished_baselines = [t for t in baselines if t.state in FINISHED]
     baseline = (finished_baselines or baselines)[-1] if baselines else None
-    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds()
-                  for t in trials if t.datetime_complete and t.datetime_start)
+    seconds = sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in trials
+        if t.datetime_complete and t.datetime_start
+    )
     return {
         "study": study.study_name,
         "trials": counts,
-        "best": None if best is None else {"number": best.number, "value": best.value,
-                                           "params": best.user_attrs.get("trial_params", best.params)},
-        "baseline": None if baseline is None else {"number": baseline.number, "value": baseline.value,
-                                                   "state": baseline.state.name},
+        "best": None
+        if best is None
+        else {"number": best.number, "value": best.value, "params": best.user_attrs.get("trial_params", best.params)},
+        "baseline": None
+        if baseline is None
+        else {"number": baseline.number, "value": baseline.value, "state": baseline.state.name},
         "seconds": round(seconds, 3),
     }
 

@@ -86,9 +86,17 @@ def engine_kwargs_for(url: str) -> dict[str, Any]:
         # pre-ping: a connection the server dropped while a long trial trained is replaced, not
         # fatal. Keepalives stop firewalls from silently dropping idle connections.
         return {
-            "pool_pre_ping": True, "pool_size": PG_POOL_SIZE, "max_overflow": 1, "pool_recycle": 1800,
-            "connect_args": {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
-                             "keepalives_interval": 10, "keepalives_count": 3},
+            "pool_pre_ping": True,
+            "pool_size": PG_POOL_SIZE,
+            "max_overflow": 1,
+            "pool_recycle": 1800,
+            "connect_args": {
+                "connect_timeout": 10,
+                "keepalives": 1,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+            },
         }
     return {}
 
@@ -97,30 +105,43 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     """An RDBStorage for `url`; bad URLs, missing drivers and unreachable servers -> UserError."""
     _check_url(url)
     if url.startswith("sqlite:///"):
-        made_folder(Path(url[len("sqlite:///"):]).parent, "storage")
+        made_folder(Path(url[len("sqlite:///") :]).parent, "storage")
     hb: dict[str, Any] = {}
     if heartbeat is not None:
-        hb = {"heartbeat_interval": heartbeat.interval, "grace_period": heartbeat.grace_period,
-              "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)}
+        hb = {
+            "heartbeat_interval": heartbeat.interval,
+            "grace_period": heartbeat.grace_period,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
+        }
     # Several workers starting on an empty database race to create the tables; the loser sees
     # an integrity or "already exists" error, and the tables are there when it tries again.
     for attempt in range(5):
         try:
-            storage = _SteadyRDBStorage(url, engine_kwargs=engine_kwargs_for(url),
-                                        skip_table_creation=_tables_exist(url), **hb)
+            storage = _SteadyRDBStorage(
+                url, engine_kwargs=engine_kwargs_for(url), skip_table_creation=_tables_exist(url), **hb
+            )
             _IMMEDIATE.add(storage.engine)
             return storage
         except ImportError as e:
-            raise UserError(f"storage {redacted(url)}: its database driver is not installed ({_driver_hint(url)})") from e
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, optuna.exceptions.StorageInternalError) as e:
+            raise UserError(
+                f"storage {redacted(url)}: its database driver is not installed ({_driver_hint(url)})"
+            ) from e
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.ProgrammingError,
+            optuna.exceptions.StorageInternalError,
+        ) as e:
             orig = getattr(e, "orig", None)  # psycopg 3 says sqlstate, psycopg2 pgcode
             if INSUFFICIENT_PRIVILEGE in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
-                raise UserError(f"storage {redacted(url)}: the database user may not create Optuna's tables "
-                                f"({first_line(orig or e)}); grant it CREATE on the schema, or make it the "
-                                "database's owner") from None
+                raise UserError(
+                    f"storage {redacted(url)}: the database user may not create Optuna's tables "
+                    f"({first_line(orig or e)}); grant it CREATE on the schema, or make it the "
+                    "database's owner"
+                ) from None
             if attempt == 4:
-                raise UserError(f"storage {redacted(url)}: cannot set up Optuna's tables: "
-                                f"{first_line(orig or e)}") from e
+                raise UserError(
+                    f"storage {redacted(url)}: cannot set up Optuna's tables: {first_line(orig or e)}"
+                ) from e
             time.sleep(0.2 + random.random())
         except sqlalchemy.exc.DatabaseError as e:  # OperationalError, or SQLite's "file is not a database"
             # SQLite's forms of the same race: tables created meanwhile, or a deferred BEGIN that wrote.
@@ -143,8 +164,9 @@ class _SteadyRDBStorage(RDBStorage):
         try:
             super().record_heartbeat(trial_id)
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
-            log.warning("heartbeat of trial id %d not recorded (%s); trying again next interval", trial_id,
-                        first_line(e))
+            log.warning(
+                "heartbeat of trial id %d not recorded (%s); trying again next interval", trial_id, first_line(e)
+            )
 
 
 @contextmanager
@@ -174,11 +196,15 @@ def _check_url(url: str) -> None:
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
-        raise UserError(f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
-                        "or postgresql://user:pass@host/db)") from None
+        raise UserError(
+            f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
+            "or postgresql://user:pass@host/db)"
+        ) from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
-        raise UserError(f"storage URL {redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
-                        "(use sqlite or postgresql)")
+        raise UserError(
+            f"storage URL {redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
+            "(use sqlite or postgresql)"
+        )
     try:
         parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:
@@ -223,8 +249,10 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         known = optuna.study.get_all_study_names(storage)
-        raise UserError(f"no study {name!r} in {redacted(url)} (studies there: {', '.join(known) or 'none'}; "
-                        "start one with `fer-search run`)") from None
+        raise UserError(
+            f"no study {name!r} in {redacted(url)} (studies there: {', '.join(known) or 'none'}; "
+            "start one with `fer-search run`)"
+        ) from None
 
 
 def open_existing_storage(url: str) -> RDBStorage:
@@ -234,8 +262,9 @@ def open_existing_storage(url: str) -> RDBStorage:
     database = sqlalchemy.engine.make_url(url).database
     sqlite_file = url.startswith("sqlite") and database not in (None, "", ":memory:")
     if sqlite_file and not Path(str(database)).is_file():
-        raise UserError(f"storage {url}: no such database file (start a study with `fer-search run`, "
-                        "or give --storage / --config)")
+        raise UserError(
+            f"storage {url}: no such database file (start a study with `fer-search run`, or give --storage / --config)"
+        )
     return open_storage(url)
 
 
@@ -253,7 +282,8 @@ def serve_dashboard(url: str, artifacts: Path, host: str, port: int, say: Callab
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
             probe.bind((host, port))
     except OSError as e:  # the port is taken, or the host is not an address of this machine
-        raise UserError(f"dashboard: cannot serve on {host}:{port} ({e.strerror or first_line(e)}); "
-                        "pick another --port or --host") from None
+        raise UserError(
+            f"dashboard: cannot serve on {host}:{port} ({e.strerror or first_line(e)}); pick another --port or --host"
+        ) from None
     say(f"optuna-dashboard on http://{host}:{port}/dashboard (Ctrl-C to stop)")
     run_server(storage, host=host, port=port, artifact_store=open_artifact_store(artifacts))

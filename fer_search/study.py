@@ -36,16 +36,30 @@ def provenance() -> dict[str, Any]:
     commit, dirty = None, None
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
         if commit:
-            dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
-                                        text=True, timeout=10).stdout.strip())
+            dirty = bool(
+                subprocess.run(
+                    ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+            )
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "optuna": optuna.__version__,
-                         "fer-search": package_version("fer-search"), "sqlalchemy": package_version("sqlalchemy")},
-            "git": {"commit": commit, "dirty": dirty}}
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "optuna": optuna.__version__,
+            "fer-search": package_version("fer-search"),
+            "sqlalchemy": package_version("sqlalchemy"),
+        },
+        "git": {"commit": commit, "dirty": dirty},
+    }
 
 
 def package_version(name: str) -> str | None:
@@ -56,9 +70,14 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: dict[str, Any],
-                 sampler: optuna.samplers.BaseSampler | None = None,
-                 pruner: optuna.pruners.BasePruner | None = None, command: str | None = None) -> optuna.Study:
+def ensure_study(
+    config: Config,
+    storage: optuna.storages.BaseStorage,
+    record: dict[str, Any],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    command: str | None = None,
+) -> optuna.Study:
     """Create the study (baseline enqueued, then `ready`), or join it and check it matches.
 
     Only the process whose create_study succeeded sets the study up: enqueue_trial's
@@ -67,8 +86,9 @@ def ensure_study(config: Config, storage: optuna.storages.BaseStorage, record: d
     """
     name = config.study.name
     try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=False)
+        study = optuna.create_study(
+            study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=False
+        )
         _set_up(study, config, record, command)
         return study
     except optuna.exceptions.DuplicatedStudyError:
@@ -121,12 +141,16 @@ def check_study_matches(study: optuna.Study, record: dict[str, Any], ignore: boo
     stored_space = stored.get("space", {})
     fixed = [k for k in changed_keys if _incompatible(stored_space.get(k), current["space"][k])]
     if fixed:
-        raise UserError(f"study {study.study_name!r}: the choices or log scale of "
-                        f"{', '.join('space.' + k for k in fixed)} changed, which an Optuna study cannot follow; "
-                        "use --study NAME for a new study")
+        raise UserError(
+            f"study {study.study_name!r}: the choices or log scale of "
+            f"{', '.join('space.' + k for k in fixed)} changed, which an Optuna study cannot follow; "
+            "use --study NAME for a new study"
+        )
     if changes and not ignore:
-        raise UserError(f"study {study.study_name!r} was created with different {'; '.join(changes)}: "
-                        "pass --ignore-mismatch to continue it anyway, or --study NAME for a new study")
+        raise UserError(
+            f"study {study.study_name!r} was created with different {'; '.join(changes)}: "
+            "pass --ignore-mismatch to continue it anyway, or --study NAME for a new study"
+        )
     if changes:
         log.warning("continuing study %s despite changed %s", study.study_name, "; ".join(changes))
 
@@ -154,12 +178,15 @@ def make_pruner(config: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
     """The configured pruner; patience > 0 wraps it in Optuna's PatientPruner."""
     pruner: optuna.pruners.BasePruner
     if config.kind in ("percentile", "median"):  # the median is the 50th percentile
-        pruner = optuna.pruners.PercentilePruner(50.0 if config.kind == "median" else config.percentile,
-                                                 n_startup_trials=config.startup_trials,
-                                                 n_warmup_steps=config.warmup_epochs)
+        pruner = optuna.pruners.PercentilePruner(
+            50.0 if config.kind == "median" else config.percentile,
+            n_startup_trials=config.startup_trials,
+            n_warmup_steps=config.warmup_epochs,
+        )
     elif config.kind == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=config.min_epochs, max_resource=epochs,
-                                                reduction_factor=config.reduction_factor)
+        pruner = optuna.pruners.HyperbandPruner(
+            min_resource=config.min_epochs, max_resource=epochs, reduction_factor=config.reduction_factor
+        )
     else:
         return optuna.pruners.NopPruner()
     if config.patience > 0:

@@ -98,11 +98,21 @@ class Checkpoint:
     def from_bytes(cls, raw: bytes) -> Checkpoint:
         """Raises (torch's errors, KeyError, TypeError) on a damaged or foreign file."""
         doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        return cls(params=TrialParams.from_dict(doc["trial_params"]), epochs=doc["epochs"],
-                   device_type=doc["device_type"], model=doc["model"], optimizer=doc["optimizer"],
-                   scheduler=doc["scheduler"], generator=doc["generator"], rng=doc["rng"],
-                   cuda_rng=doc.get("cuda_rng"), history=tuple(EpochRecord(**r) for r in doc["history"]),
-                   best_epoch=doc["best_epoch"], best_val_acc=doc["best_val_acc"], best_state=doc["best_state"])
+        return cls(
+            params=TrialParams.from_dict(doc["trial_params"]),
+            epochs=doc["epochs"],
+            device_type=doc["device_type"],
+            model=doc["model"],
+            optimizer=doc["optimizer"],
+            scheduler=doc["scheduler"],
+            generator=doc["generator"],
+            rng=doc["rng"],
+            cuda_rng=doc.get("cuda_rng"),
+            history=tuple(EpochRecord(**r) for r in doc["history"]),
+            best_epoch=doc["best_epoch"],
+            best_val_acc=doc["best_val_acc"],
+            best_state=doc["best_state"],
+        )
 
 
 # Called after every epoch with the epoch's record and a function that returns a checkpoint of
@@ -123,8 +133,9 @@ def resolve_device(name: str) -> torch.device:
     gpus = torch.cuda.device_count()
     if device.index is not None and device.index >= gpus:
         # Caught here: CUDA would fail only at the first tensor, with an "invalid device ordinal" traceback.
-        raise UserError(f"--device {name}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'} "
-                        f"(cuda:0 to cuda:{gpus - 1})")
+        raise UserError(
+            f"--device {name}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'} (cuda:0 to cuda:{gpus - 1})"
+        )
     return device
 
 
@@ -185,29 +196,70 @@ def train_model(
             scheduler.step(val_loss)
         else:
             scheduler.step()
-        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr,
-                             time.perf_counter() - start, len(x_train) / train_seconds)
+        record = EpochRecord(
+            epoch,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_acc,
+            lr,
+            time.perf_counter() - start,
+            len(x_train) / train_seconds,
+        )
         history.append(record)
         if val_acc > best_acc:
             best_epoch, best_acc = epoch, val_acc
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if on_epoch is not None:
             # partial binds this epoch's values now; the state dicts are taken only if the callback asks.
-            on_epoch(record, functools.partial(_checkpoint, params, settings, model, optimizer, scheduler, generator,
-                                               tuple(history), best_epoch, best_acc, best_state))
+            on_epoch(
+                record,
+                functools.partial(
+                    _checkpoint,
+                    params,
+                    settings,
+                    model,
+                    optimizer,
+                    scheduler,
+                    generator,
+                    tuple(history),
+                    best_epoch,
+                    best_acc,
+                    best_state,
+                ),
+            )
     return TrainResult(history, best_epoch, best_acc, best_state, model)
 
 
-def _checkpoint(params: TrialParams, settings: TrainSettings, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, generator: torch.Generator, history: tuple[EpochRecord, ...], best_epoch: int,
-                best_acc: float, best_state: dict[str, torch.Tensor]) -> Checkpoint:
+def _checkpoint(
+    params: TrialParams,
+    settings: TrainSettings,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    history: tuple[EpochRecord, ...],
+    best_epoch: int,
+    best_acc: float,
+    best_state: dict[str, torch.Tensor],
+) -> Checkpoint:
     """The training state as it is now; it holds the live tensors, so save it at once."""
     device = settings.device
-    return Checkpoint(params=params, epochs=settings.epochs, device_type=device.type, model=model.state_dict(),
-                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                      generator=generator.get_state(), rng=torch.get_rng_state(),
-                      cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None, history=history,
-                      best_epoch=best_epoch, best_val_acc=best_acc, best_state=best_state)
+    return Checkpoint(
+        params=params,
+        epochs=settings.epochs,
+        device_type=device.type,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        generator=generator.get_state(),
+        rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_acc=best_acc,
+        best_state=best_state,
+    )
 
 
 def _make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
@@ -223,8 +275,13 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrialParams, epoch
 
 
 def _train_one_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-    batch_size: int, generator: torch.Generator, cuda: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    cuda: bool,
 ) -> tuple[float, float]:
     """One pass over x in a seeded random order; returns (mean loss, accuracy) with one host sync."""
     model.train()
@@ -266,7 +323,7 @@ def logits_for(model: nn.Module, x: torch.Tensor, *, autocast: bool = False, bat
     model.eval()
     out = []
     for i in range(0, len(x), batch):
-        xb = normalize(x[i:i + batch]).contiguous(memory_format=torch.channels_last)
+        xb = normalize(x[i : i + batch]).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
             out.append(model(xb).float())
     return torch.cat(out) if out else torch.zeros((0, 7), device=x.device)

@@ -79,7 +79,8 @@ def finalized(tmp_path_factory: pytest.TempPathFactory, tiny_fer: Path) -> Path:
     folder = tmp_path_factory.mktemp("finalized")
     (folder / "search.toml").write_text(f'[data]\npath = "{tiny_fer}"\n')
     for args in (["run", "--trials", "3", "--epochs", "2"], ["finalize", "--seeds", "2"]):
-        result = CliRunner().invoke(main, [*args, "--config", str(folder / "search.toml"), "--device", "cpu"],
-                                    catch_exceptions=False)
+        result = CliRunner().invoke(
+            main, [*args, "--config", str(folder / "search.toml"), "--device", "cpu"], catch_exceptions=False
+        )
         assert result.exit_code == 0, result.output
     return folder

@@ -34,8 +34,10 @@ class Unavailable(Exception):
 
 def find_bindir() -> Path | None:
     """The newest Debian-installed PostgreSQL's bin folder, else the one holding `initdb` on PATH."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
-                    if p.parent.parent.name.isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if debian:
         return debian[-1].parent
     on_path = shutil.which("initdb")
@@ -94,8 +96,9 @@ class PgServer:
         user: dict[str, Any] = {}
         if self.run_as is not None:
             user = {"user": self.run_as, "group": pwd.getpwnam(self.run_as).pw_gid, "extra_groups": []}
-        done = subprocess.run([str(self.bindir / tool), *args], capture_output=True, text=True, timeout=120,
-                              cwd=self.base, **user)
+        done = subprocess.run(
+            [str(self.bindir / tool), *args], capture_output=True, text=True, timeout=120, cwd=self.base, **user
+        )
         if done.returncode != 0:
             log = self.log_file.read_text() if self.log_file.is_file() else ""
             raise RuntimeError(f"{tool} {' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
@@ -114,8 +117,10 @@ def start_server(max_connections: int = 20) -> PgServer:
     """initdb + start a cluster with a role and nothing else; the caller must stop() it."""
     bindir = find_bindir()
     if bindir is None:
-        raise Unavailable("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH; "
-                          "apt-get install postgresql)")
+        raise Unavailable(
+            "PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH; "
+            "apt-get install postgresql)"
+        )
     run_as = None
     if os.geteuid() == 0:
         try:
@@ -142,18 +147,48 @@ def _init_and_start(server: PgServer, max_connections: int) -> None:
         for path in (server.base, pwfile):
             os.chown(path, entry.pw_uid, entry.pw_gid)
     # Passwords over TCP, as the workers connect; trust on the socket, which only the folder's owner can reach.
-    server.pg("initdb", "-D", str(server.data_dir), "-U", ADMIN, "--pwfile", str(pwfile), "--auth-local", "trust",
-              "--auth-host", "scram-sha-256", "-E", "UTF8", "--no-sync")
+    server.pg(
+        "initdb",
+        "-D",
+        str(server.data_dir),
+        "-U",
+        ADMIN,
+        "--pwfile",
+        str(pwfile),
+        "--auth-local",
+        "trust",
+        "--auth-host",
+        "scram-sha-256",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    )
     # Durability off: the cluster is thrown away, and fsyncs would only slow the tests down.
-    settings = {"listen_addresses": "127.0.0.1", "max_connections": max_connections,
-                "superuser_reserved_connections": RESERVED, "fsync": "off", "synchronous_commit": "off",
-                "full_page_writes": "off"}
+    settings = {
+        "listen_addresses": "127.0.0.1",
+        "max_connections": max_connections,
+        "superuser_reserved_connections": RESERVED,
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "full_page_writes": "off",
+    }
     for attempt in range(3):  # a free port can be taken between probing it and binding it
         server.port = free_port()
         options = f"-p {server.port} -k {server.base} " + " ".join(f"-c {k}={v}" for k, v in settings.items())
         try:
-            server.pg("pg_ctl", "start", "-D", str(server.data_dir), "-l", str(server.log_file), "-w", "-t", "60",
-                      "-o", options)
+            server.pg(
+                "pg_ctl",
+                "start",
+                "-D",
+                str(server.data_dir),
+                "-l",
+                str(server.log_file),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+            )
             break
         except RuntimeError:
             if attempt == 2:

@@ -46,9 +46,13 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def spawn_run(config: Path, *args: Any) -> subprocess.Popen[str]:
     """`fer-search run` as a real process, its own process group so a signal reaches only it."""
-    return subprocess.Popen([sys.executable, "-m", "fer_search", "run", "--config", str(config), "--device", "cpu",
-                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fer_search", "run", "--config", str(config), "--device", "cpu", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:

@@ -13,7 +13,14 @@ from torchvision.transforms import functional as TF
 
 from fer_search import augment
 from fer_search.augment import (
-    MEAN, STD, apply_plan, augment_batch, crop_resize_flip, normalize, plan_augmentation, sample_crop_boxes,
+    MEAN,
+    STD,
+    apply_plan,
+    augment_batch,
+    crop_resize_flip,
+    normalize,
+    plan_augmentation,
+    sample_crop_boxes,
 )
 
 PADDED = 56
@@ -41,8 +48,12 @@ def padded(x: torch.Tensor) -> torch.Tensor:
 
 def box_shape_stats(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
     top, left, h, w = boxes.T
-    return {"area": h * w / PADDED**2, "aspect": w / h,
-            "top": top / (PADDED - h).clamp(min=1), "left": left / (PADDED - w).clamp(min=1)}
+    return {
+        "area": h * w / PADDED**2,
+        "aspect": w / h,
+        "top": top / (PADDED - h).clamp(min=1),
+        "left": left / (PADDED - w).clamp(min=1),
+    }
 
 
 def test_normalize() -> None:
@@ -72,9 +83,11 @@ def test_crop_boxes_match_torchvision_statistics() -> None:
     ours = box_shape_stats(sample_crop_boxes(n, gen(1)))
     torch.manual_seed(1)
     image = torch.empty(1, PADDED, PADDED)
-    theirs = box_shape_stats(torch.tensor(
-        [T.RandomResizedCrop.get_params(image, [0.5, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
-        dtype=torch.float32))
+    theirs = box_shape_stats(
+        torch.tensor(
+            [T.RandomResizedCrop.get_params(image, [0.5, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float32
+        )
+    )
     for key in ("area", "aspect"):
         assert abs(ours[key].mean() - theirs[key].mean()) < 0.01, key
         diffs = (torch.quantile(ours[key], QUANTILES) - torch.quantile(theirs[key], QUANTILES)).abs()
@@ -133,8 +146,9 @@ def test_same_seed_same_output_different_seed_different() -> None:
 def test_statistics_match_torchvision_pipeline() -> None:
     distinct, copies = 8, 125
     x = smooth_images(distinct, copies)
-    pipeline = T.Compose([T.Pad(4, padding_mode="reflect"), T.RandomResizedCrop(48, scale=(0.5, 1.0)),
-                          T.RandomHorizontalFlip()])
+    pipeline = T.Compose(
+        [T.Pad(4, padding_mode="reflect"), T.RandomResizedCrop(48, scale=(0.5, 1.0)), T.RandomHorizontalFlip()]
+    )
     torch.manual_seed(0)
     theirs = normalize(torch.stack([pipeline(image) for image in x]))
     ours = augment_batch(x, gen(0))
@@ -158,6 +172,7 @@ def test_runs_on_cuda_with_a_cuda_generator() -> None:
 
 
 # --- an epoch's plan, applied a batch at a time (as the trainer does) -------------------------------
+
 
 class CountOps(TorchDispatchMode):
     """Counts aten calls, and those that are not views (each about one kernel launch on the GPU)."""
@@ -191,7 +206,7 @@ def test_plan_applied_in_slices_equals_augment_batch() -> None:
     # What the trainer does (one plan an epoch, a slice a batch) is what the statistics tests test.
     x = random_faces(96)
     plan = plan_augmentation(len(x), gen(5))
-    sliced = torch.cat([apply_plan(x[i:i + 32], plan[i:i + 32]) for i in range(0, len(x), 32)])
+    sliced = torch.cat([apply_plan(x[i : i + 32], plan[i : i + 32]) for i in range(0, len(x), 32)])
     assert torch.equal(sliced, augment_batch(x, gen(5)))
 
 
@@ -201,12 +216,21 @@ def test_plan_equals_crop_resize_flip_of_the_reflect_padded_image(monkeypatch: p
     # ones (each corner of the padded image, the whole of it), each with and without a flip.
     n = 512
     boxes = sample_crop_boxes(n, gen(4))
-    extremes = torch.tensor([[0.0, 0, 28, 28], [0, 28, 28, 28], [28, 0, 28, 28], [28, 28, 28, 28],
-                             [0, 0, 56, 56], [0, 22, 56, 34], [22, 0, 34, 56]])
-    boxes[:10 * len(extremes)] = extremes.repeat_interleave(10, dim=0)
+    extremes = torch.tensor(
+        [
+            [0.0, 0, 28, 28],
+            [0, 28, 28, 28],
+            [28, 0, 28, 28],
+            [28, 28, 28, 28],
+            [0, 0, 56, 56],
+            [0, 22, 56, 34],
+            [22, 0, 34, 56],
+        ]
+    )
+    boxes[: 10 * len(extremes)] = extremes.repeat_interleave(10, dim=0)
     monkeypatch.setattr(augment, "sample_crop_boxes", lambda *args, **kwargs: boxes)
     flip = torch.rand(n, generator=gen(9)) < 0.5  # the plan's flips: the boxes are its only other draw
-    assert all(0 < f.sum() < 10 for f in flip[:10 * len(extremes)].view(len(extremes), 10))  # both, for each
+    assert all(0 < f.sum() < 10 for f in flip[: 10 * len(extremes)].view(len(extremes), 10))  # both, for each
     x = random_faces(n)
     out = apply_plan(x, plan_augmentation(n, gen(9)))
     # Tolerance: float32 rounding in the two coordinate maps, far below one grey level (1/127.5).

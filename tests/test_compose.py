@@ -112,7 +112,8 @@ def test_worker_command_is_one_fer_search_run_accepts(services: dict[str, Any], 
 
 
 def test_artifacts_live_on_a_volume_that_workers_and_dashboard_share(
-        compose: dict[str, Any], services: dict[str, Any], env_example: dict[str, str]) -> None:
+    compose: dict[str, Any], services: dict[str, Any], env_example: dict[str, str]
+) -> None:
     worker, dashboard = services["worker"], services["dashboard"]
     artifacts = str(load_config(fleet_config(worker, env_example)[0]).study.artifacts)
     volume, _ = mounts(worker, env_example)[artifacts]

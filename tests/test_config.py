@@ -49,8 +49,9 @@ def test_overrides_win_and_are_relative_to_the_working_directory(tmp_path: Path,
 
 
 def test_space_forms(tmp_path: Path) -> None:
-    path = write(tmp_path, "[space]\nlr = 0.001\nbatch_size = 64\nwidth = [1.0, 2.0]\n"
-                           "dropout_high = {low = 0.2, high = 0.5}\n")
+    path = write(
+        tmp_path, "[space]\nlr = 0.001\nbatch_size = 64\nwidth = [1.0, 2.0]\ndropout_high = {low = 0.2, high = 0.5}\n"
+    )
     space = load_config(path).space
     assert space.lr == 0.001
     assert space.batch_size == (64,)
@@ -60,39 +61,48 @@ def test_space_forms(tmp_path: Path) -> None:
 
 # (file text, the key or section named, the value shown): every message is one line that starts
 # with the file and names the key and its value (a file that is not TOML: where it breaks).
-@pytest.mark.parametrize("text, named, shown", [
-    ("[run]\ntrials = 0\n", "run.trials", "= 0: must be >= 1"),
-    ("[run]\ntrails = 5\n", "run.trails", "= 5"),
-    ("[runs]\ntrials = 5\n", "[runs]", "[runs]"),
-    ("[run]\nepochs = \"ten\"\n", "run.epochs", "= 'ten'"),
-    ("[run]\ndevice = \"gpu\"\n", "run.device", "= 'gpu'"),
-    ("[run]\ntimeout = -1\n", "run.timeout", "= -1.0: must be >= 0"),
-    ("[run]\ncheckpoint_every_s = -1\n", "run.checkpoint_every_s", "= -1.0: must be >= 0"),
-    ("[run]\nready_timeout_s = -5\n", "run.ready_timeout_s", "= -5.0: must be >= 0"),
-    ("[run]\nwait_poll_s = -1\n", "run.wait_poll_s", "= -1.0: must be > 0"),
-    ("[run]\nwait_poll_s = 0\n", "run.wait_poll_s", "= 0.0: must be > 0"),
-    ("[space]\nlr = {low = 0.01, high = 0.001}\n", "space.lr", "'low': 0.01, 'high': 0.001"),
-    ("[space]\nlr = {low = 0.0, high = 0.001, log = true}\n", "space.lr", "'low': 0.0"),
-    ("[space]\nlr = {low = 0.0, high = 0.001}\n", "space.lr",
-     "= {'low': 0.0, 'high': 0.001, 'log': False}: must be > 0"),
-    ("[space]\nbatch_size = []\n", "space.batch_size", "= []"),
-    ("[space]\nbatch_size = [0, 32]\n", "space.batch_size", "= [0, 32]: values must be >= 1"),
-    ("[space]\nwidth = [0.0, 1.0]\n", "space.width", "= [0.0, 1.0]"),
-    ("[space]\ndropout_pattern = [\"sometimes\"]\n", "space.dropout_pattern", "= ['sometimes']"),
-    ("[space]\ndropout_head = 1.5\n", "space.dropout_head", "= 1.5: dropout must lie in [0, 1)"),
-    ("[space]\ndropout_high = {low = 0.3, high = 1.0}\n", "space.dropout_high", "'high': 1.0"),
-    ("[space]\nlinear_depth = [4]\n", "space.linear_depth", "= [4]"),
-    ("[pruner]\nkind = \"sometimes\"\n", "pruner.kind", "= 'sometimes'"),
-    ("[pruner]\nreduction_factor = 1\n", "pruner.reduction_factor", "= 1: must be >= 2"),
-    ("[pruner]\npercentile = 0\n", "pruner.percentile", "= 0.0: must lie in (0, 100)"),
-    ("[run]\nheartbeat_interval = 60\ngrace_period = 30\n", "run.grace_period",
-     "= 30: must exceed run.heartbeat_interval = 60"),
-    ("[finalize]\nseeds = 0\n", "finalize.seeds", "= 0"),
-    ("[finalize]\njobs = 0\n", "finalize.jobs", "= 0: must be >= 1"),
-    ("[data]\nval_fraction = 1.5\n", "data.val_fraction", "= 1.5"),
-    ("[study]\nname = \"a/b\"\n", "study.name", "= 'a/b'"),
-    ("not toml [", "not valid TOML", "line 1"),
-])
+@pytest.mark.parametrize(
+    "text, named, shown",
+    [
+        ("[run]\ntrials = 0\n", "run.trials", "= 0: must be >= 1"),
+        ("[run]\ntrails = 5\n", "run.trails", "= 5"),
+        ("[runs]\ntrials = 5\n", "[runs]", "[runs]"),
+        ('[run]\nepochs = "ten"\n', "run.epochs", "= 'ten'"),
+        ('[run]\ndevice = "gpu"\n', "run.device", "= 'gpu'"),
+        ("[run]\ntimeout = -1\n", "run.timeout", "= -1.0: must be >= 0"),
+        ("[run]\ncheckpoint_every_s = -1\n", "run.checkpoint_every_s", "= -1.0: must be >= 0"),
+        ("[run]\nready_timeout_s = -5\n", "run.ready_timeout_s", "= -5.0: must be >= 0"),
+        ("[run]\nwait_poll_s = -1\n", "run.wait_poll_s", "= -1.0: must be > 0"),
+        ("[run]\nwait_poll_s = 0\n", "run.wait_poll_s", "= 0.0: must be > 0"),
+        ("[space]\nlr = {low = 0.01, high = 0.001}\n", "space.lr", "'low': 0.01, 'high': 0.001"),
+        ("[space]\nlr = {low = 0.0, high = 0.001, log = true}\n", "space.lr", "'low': 0.0"),
+        (
+            "[space]\nlr = {low = 0.0, high = 0.001}\n",
+            "space.lr",
+            "= {'low': 0.0, 'high': 0.001, 'log': False}: must be > 0",
+        ),
+        ("[space]\nbatch_size = []\n", "space.batch_size", "= []"),
+        ("[space]\nbatch_size = [0, 32]\n", "space.batch_size", "= [0, 32]: values must be >= 1"),
+        ("[space]\nwidth = [0.0, 1.0]\n", "space.width", "= [0.0, 1.0]"),
+        ('[space]\ndropout_pattern = ["sometimes"]\n', "space.dropout_pattern", "= ['sometimes']"),
+        ("[space]\ndropout_head = 1.5\n", "space.dropout_head", "= 1.5: dropout must lie in [0, 1)"),
+        ("[space]\ndropout_high = {low = 0.3, high = 1.0}\n", "space.dropout_high", "'high': 1.0"),
+        ("[space]\nlinear_depth = [4]\n", "space.linear_depth", "= [4]"),
+        ('[pruner]\nkind = "sometimes"\n', "pruner.kind", "= 'sometimes'"),
+        ("[pruner]\nreduction_factor = 1\n", "pruner.reduction_factor", "= 1: must be >= 2"),
+        ("[pruner]\npercentile = 0\n", "pruner.percentile", "= 0.0: must lie in (0, 100)"),
+        (
+            "[run]\nheartbeat_interval = 60\ngrace_period = 30\n",
+            "run.grace_period",
+            "= 30: must exceed run.heartbeat_interval = 60",
+        ),
+        ("[finalize]\nseeds = 0\n", "finalize.seeds", "= 0"),
+        ("[finalize]\njobs = 0\n", "finalize.jobs", "= 0: must be >= 1"),
+        ("[data]\nval_fraction = 1.5\n", "data.val_fraction", "= 1.5"),
+        ('[study]\nname = "a/b"\n', "study.name", "= 'a/b'"),
+        ("not toml [", "not valid TOML", "line 1"),
+    ],
+)
 def test_bad_config_names_the_file_key_and_value(tmp_path: Path, text: str, named: str, shown: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(UserError) as info:

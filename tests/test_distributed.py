@@ -24,6 +24,7 @@ import optuna
 import psycopg
 import pytest
 from optuna.trial import FrozenTrial, TrialState
+from pgserver import RESERVED, PgServer, Unavailable, in_ci, start_server, unavailable
 
 from fer_search.config import load_config
 from fer_search.errors import UserError
@@ -31,7 +32,6 @@ from fer_search.model import BASELINE
 from fer_search.objective import trial_seed
 from fer_search.space import optuna_params
 from fer_search.storage import engine_kwargs_for, open_storage
-from pgserver import RESERVED, PgServer, Unavailable, in_ci, start_server, unavailable
 
 MAX_CONNECTIONS = 20  # small, so that workers leaking connections run into the limit
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -94,10 +94,33 @@ class Workers:
     def start(self, seed: int, trials: int, epochs: int) -> None:
         with open(self.folder / f"worker-{seed}.log", "wb") as log:  # a file: a pipe nobody drains fills up
             self.procs[seed] = subprocess.Popen(
-                [sys.executable, "-m", "fer_search", "run", "--config", str(self.config), "--storage", self.url,
-                 "--study", self.study, "--data", str(self.data), "--trials", str(trials), "--epochs", str(epochs),
-                 "--device", "cpu", "--seed", str(seed)],
-                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=WORKER_ENV)
+                [
+                    sys.executable,
+                    "-m",
+                    "fer_search",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    "--storage",
+                    self.url,
+                    "--study",
+                    self.study,
+                    "--data",
+                    str(self.data),
+                    "--trials",
+                    str(trials),
+                    "--epochs",
+                    str(epochs),
+                    "--device",
+                    "cpu",
+                    "--seed",
+                    str(seed),
+                ],
+                cwd=self.folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=WORKER_ENV,
+            )
 
     def log(self, seed: int) -> str:
         return (self.folder / f"worker-{seed}.log").read_text(errors="replace")
@@ -221,9 +244,25 @@ def test_connections_stay_bounded_and_are_released(fleet: FleetRun) -> None:
 @pytest.mark.postgres
 def test_status_json_and_optuna_see_the_same_study(fleet: FleetRun) -> None:
     w = fleet.workers
-    out = subprocess.run([sys.executable, "-m", "fer_search", "status", "--json", "--config", str(w.config),
-                          "--storage", w.url, "--study", w.study], capture_output=True, text=True, timeout=120,
-                         cwd=w.folder)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fer_search",
+            "status",
+            "--json",
+            "--config",
+            str(w.config),
+            "--storage",
+            w.url,
+            "--study",
+            w.study,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=w.folder,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     with study_at(w.url, w.study) as study:
@@ -237,6 +276,7 @@ def test_status_json_and_optuna_see_the_same_study(fleet: FleetRun) -> None:
 
 # --- a worker killed mid-trial ------------------------------------------------------------
 
+
 def running_trial_of(storage: optuna.storages.BaseStorage, study: str, seed: int) -> FrozenTrial | None:
     """The RUNNING trial of the worker with this --seed once it has reported an epoch and written
     its checkpoint, so that killing the worker then loses work that the retry must recover."""
@@ -244,8 +284,16 @@ def running_trial_of(storage: optuna.storages.BaseStorage, study: str, seed: int
         trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
     except KeyError:  # not created yet
         return None
-    return next((t for t in trials if t.intermediate_values and "checkpoint" in t.user_attrs
-                 and t.user_attrs.get("seed") == trial_seed(seed, t.number)), None)
+    return next(
+        (
+            t
+            for t in trials
+            if t.intermediate_values
+            and "checkpoint" in t.user_attrs
+            and t.user_attrs.get("seed") == trial_seed(seed, t.number)
+        ),
+        None,
+    )
 
 
 def mid_trial(workers: Workers, seed: int) -> FrozenTrial:
@@ -264,7 +312,8 @@ def mid_trial(workers: Workers, seed: int) -> FrozenTrial:
 
 @pytest.mark.postgres
 def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(
-        postgres: PgServer, tiny_fer: Path, tmp_path: Path) -> None:
+    postgres: PgServer, tiny_fer: Path, tmp_path: Path
+) -> None:
     workers = Workers.on_new_database(postgres, "killed", tmp_path, tiny_fer)
     trials, epochs = 2, 5  # enough epochs that the kill lands mid-trial, after a checkpoint
     try:
@@ -294,6 +343,7 @@ def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(
 
 # --- connections --------------------------------------------------------------------------
 
+
 @pytest.mark.postgres
 def test_pool_pre_ping_replaces_connections_the_server_dropped(postgres: PgServer) -> None:
     url = postgres.create_database("preping")
@@ -302,8 +352,11 @@ def test_pool_pre_ping_replaces_connections_the_server_dropped(postgres: PgServe
         study = optuna.create_study(study_name="ping", storage=storage)
         study.set_user_attr("before", 1)  # leaves an open connection in the pool
         with postgres.admin() as conn:
-            row = conn.execute("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                               "WHERE datname = %s AND pid <> pg_backend_pid()", ("preping",)).fetchone()
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                ("preping",),
+            ).fetchone()
         assert row is not None and row[0] >= 1  # the pool's connection was there, and is now dead
         assert settled_connections(postgres, "preping") == 0
         study.set_user_attr("after", 2)
@@ -349,8 +402,10 @@ RACER = textwrap.dedent("""\
 def test_many_first_starts_at_once_create_the_tables_and_the_study_once(postgres: PgServer, tmp_path: Path) -> None:
     url = postgres.create_database("race")
     go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(3)]
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, url, str(r), str(go)], stderr=subprocess.PIPE, text=True)
-              for r in ready]
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, url, str(r), str(go)], stderr=subprocess.PIPE, text=True)
+        for r in ready
+    ]
     try:
         deadline = time.monotonic() + 60
         while not all(r.exists() for r in ready) and time.monotonic() < deadline:
@@ -368,6 +423,7 @@ def test_many_first_starts_at_once_create_the_tables_and_the_study_once(postgres
 
 
 # --- no PostgreSQL here -------------------------------------------------------------------
+
 
 def test_without_postgresql_a_workstation_skips_but_ci_fails() -> None:
     with pytest.raises(pytest.skip.Exception):

@@ -116,6 +116,7 @@ def test_seed_of_is_32_bit_and_the_same_in_every_process() -> None:
     script = "from fer_search.files import seed_of; print(seed_of('trial-7'))"
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                                check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        )
         assert int(result.stdout) == seeds[7]

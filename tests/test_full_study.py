@@ -23,8 +23,19 @@ PHASES = ("env", "speed", "study", "finalize")
 
 def full_study(data: Path, out: Path, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The issue's rehearsal command (with the working files kept in the test's folder)."""
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--data", str(data), "--out", str(out),
-               "--work", str(work), *args]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--device",
+        "cpu",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -108,15 +119,32 @@ def test_a_fresh_machine_continues_the_study_from_dir(rehearsed: Path, tiny_fer:
     out = tmp_path / "out"
     shutil.copytree(rehearsed, out)  # what came back; the new working folder is empty, as on a new machine
     # The GPU run's layout: search workers and finalize's trainings in processes of their own.
-    result = full_study(tiny_fer, out, tmp_path / "work", "--budget-s", "500", "--trials", "3", "--epochs", "1",
-                        "--seeds", "1", "--workers", "2", "--jobs", "2")
+    result = full_study(
+        tiny_fer,
+        out,
+        tmp_path / "work",
+        "--budget-s",
+        "500",
+        "--trials",
+        "3",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--workers",
+        "2",
+        "--jobs",
+        "2",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = summary_of(out)
     phases = summary["phases"]
     assert phases["study"]["finished"] == 3 and phases["finalize"]["study_finished"] == 3
     assert [call["exit"] for call in summary["calls"]] == [0, 0]
     assert phases["speed"]["seconds_all_calls"] == summary_of(rehearsed)["phases"]["speed"]["seconds"]  # not redone
-    before, after = (load_copy(folder / "fer2013.db", tmp_path / name) for folder, name in ((rehearsed, "a"), (out, "b")))
+    before, after = (
+        load_copy(folder / "fer2013.db", tmp_path / name) for folder, name in ((rehearsed, "a"), (out, "b"))
+    )
     # The same trials, not a new study that drew the same first two.
     assert [t.datetime_start for t in after.trials[:2]] == [t.datetime_start for t in before.trials[:2]]
     assert phases["finalize"]["predict"]["reproduces"]
@@ -143,8 +171,20 @@ def test_a_study_its_timeout_stopped_short_is_cut_not_done(tmp_path: Path, monke
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import full_study
 
-    plan = full_study.Plan(data=tmp_path, out=tmp_path / "out", work=tmp_path, budget_s=60, device="cpu", trials=50,
-                           epochs=1, seeds=1, workers=1, jobs=1, seed=0, config=tmp_path / "search.toml")
+    plan = full_study.Plan(
+        data=tmp_path,
+        out=tmp_path / "out",
+        work=tmp_path,
+        budget_s=60,
+        device="cpu",
+        trials=50,
+        epochs=1,
+        seeds=1,
+        workers=1,
+        jobs=1,
+        seed=0,
+        config=tmp_path / "search.toml",
+    )
     plan.out.mkdir()
     monkeypatch.setattr(full_study, "service", lambda *args: 0)
     monkeypatch.setattr(full_study, "study_figures", lambda _plan: {"finished": 12})

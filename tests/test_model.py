@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fer_search.model import Dropout, build_model, count_parameters
-from fer_search.model import BASELINE, TrialParams
+from fer_search.model import BASELINE, Dropout, TrialParams, build_model, count_parameters
 
 BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
 HIDDEN = "Linear BatchNorm1d ReLU"
@@ -25,26 +24,27 @@ SEQUENCES = {
     ("head", 2): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} Dropout(0.4) Linear",
     ("head", 3): f"{BLOCK} {BLOCK} {BLOCK} {BLOCK} Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
     ("every", 1): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
-                  f" Flatten Dropout(0.4) Linear",
+    f" Flatten Dropout(0.4) Linear",
     ("every", 2): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
-                  f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    f" Flatten {HIDDEN} Dropout(0.4) Linear",
     ("every", 3): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.6)"
-                  f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
     ("alternate", 1): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK} Flatten Dropout(0.4) Linear",
-    ("alternate", 2): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK}"
-                      f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    ("alternate", 2): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK} Flatten {HIDDEN} Dropout(0.4) Linear",
     ("alternate", 3): f"{BLOCK} Dropout(0.6) {BLOCK} {BLOCK} Dropout(0.6) {BLOCK}"
-                      f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
     ("interlaced", 1): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
-                       f" Flatten Dropout(0.4) Linear",
+    f" Flatten Dropout(0.4) Linear",
     ("interlaced", 2): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
-                       f" Flatten {HIDDEN} Dropout(0.4) Linear",
+    f" Flatten {HIDDEN} Dropout(0.4) Linear",
     ("interlaced", 3): f"{BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2) {BLOCK} Dropout(0.6) {BLOCK} Dropout(0.2)"
-                       f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
+    f" Flatten {HIDDEN} Dropout(0.4) {HIDDEN} Dropout(0.4) Linear",
 }
 
-BASELINE_SEQUENCE = (f"{BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3) {BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3)"
-                     f" Flatten {HIDDEN} Dropout(0.5) Linear")
+BASELINE_SEQUENCE = (
+    f"{BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3) {BLOCK} Dropout(0.5) {BLOCK} Dropout(0.3)"
+    f" Flatten {HIDDEN} Dropout(0.5) Linear"
+)
 
 
 def params(pattern: str = "interlaced", depth: int = 2, **changes: object) -> TrialParams:
@@ -54,14 +54,12 @@ def params(pattern: str = "interlaced", depth: int = 2, **changes: object) -> Tr
         "dropout_low": LOW if pattern == "interlaced" else None,
         "dropout_head": None if pattern == "none" else HEAD,
     }
-    return dataclasses.replace(BASELINE, dropout_pattern=pattern, linear_depth=depth,
-                               **rates, **changes)
+    return dataclasses.replace(BASELINE, dropout_pattern=pattern, linear_depth=depth, **rates, **changes)
 
 
 def layer_sequence(model: nn.Module) -> str:
     leaves = [m for m in model.modules() if not any(m.children())]
-    return " ".join(f"Dropout({m.p})" if isinstance(m, nn.Dropout) else type(m).__name__
-                    for m in leaves)
+    return " ".join(f"Dropout({m.p})" if isinstance(m, nn.Dropout) else type(m).__name__ for m in leaves)
 
 
 def test_table_covers_every_pattern_and_depth() -> None:
@@ -152,8 +150,7 @@ def test_width_scales_conv_channels_only(width: float) -> None:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [c.out_channels for c in convs] == channels
     assert [c.in_channels for c in convs] == [1] + channels[:3]
-    assert [(m.in_features, m.out_features) for m in linears] == [
-        (channels[3] * 9, 256), (256, 128), (128, 7)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(channels[3] * 9, 256), (256, 128), (128, 7)]
 
 
 def test_two_convs_per_block_doubles_the_convs() -> None:
@@ -162,16 +159,27 @@ def test_two_convs_per_block_doubles_the_convs() -> None:
     assert layer_sequence(model) == f"{block} {block} {block} {block} Flatten {HIDDEN} Dropout(0.4) Linear"
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [
-        (1, 32), (32, 32), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+        (1, 32),
+        (32, 32),
+        (32, 64),
+        (64, 64),
+        (64, 128),
+        (128, 128),
+        (128, 256),
+        (256, 256),
+    ]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is not None for c in convs)
 
 
-@pytest.mark.parametrize("trial", [
-    BASELINE,
-    params("none", 1, width=0.5),
-    params("alternate", 3, width=1.5, convs_per_block=2),
-    params("head", 2, width=2.0),
-])
+@pytest.mark.parametrize(
+    "trial",
+    [
+        BASELINE,
+        params("none", 1, width=0.5),
+        params("alternate", 3, width=1.5, convs_per_block=2),
+        params("head", 2, width=2.0),
+    ],
+)
 def test_forward_shape(trial: TrialParams) -> None:
     torch.manual_seed(0)
     model = build_model(trial)
@@ -190,12 +198,9 @@ def test_num_classes() -> None:
     assert build_model(BASELINE, num_classes=3)(torch.randn(2, 1, 48, 48)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("bad", [
-    {"dropout_pattern": "sometimes"},
-    {"linear_depth": 4},
-    {"dropout_head": None},
-    {"dropout_low": None},
-])
+@pytest.mark.parametrize(
+    "bad", [{"dropout_pattern": "sometimes"}, {"linear_depth": 4}, {"dropout_head": None}, {"dropout_low": None}]
+)
 def test_invalid_params_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         build_model(dataclasses.replace(BASELINE, **bad))

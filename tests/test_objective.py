@@ -20,22 +20,31 @@ def test_pruning_prunes(tmp_path: Path, tiny_fer: Path) -> None:
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 4, "--device", "cpu").exit_code == 0
     study = load(tmp_path)
     for _ in range(3):
-        study.add_trial(optuna.create_trial(value=2.0, params={}, distributions={},
-                                            intermediate_values={e: 2.0 for e in range(1, 5)}))
+        study.add_trial(
+            optuna.create_trial(
+                value=2.0, params={}, distributions={}, intermediate_values={e: 2.0 for e in range(1, 5)}
+            )
+        )
     assert cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu").exit_code == 0
     new = [t for t in load(tmp_path).trials[4:]]
     assert len(new) == 2 and all(t.state == TrialState.PRUNED for t in new)
     assert all(t.user_attrs["epochs_run"] == 1 for t in new)  # pruned after its first epoch, not 4
 
 
-@pytest.mark.parametrize("error, state, reason", [
-    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"), TrialState.FAIL,
-     "out of memory"),
-    (DivergedError("training loss is nan at epoch 1"), TrialState.PRUNED, "diverged"),
-])
-def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(tmp_path: Path, tiny_fer: Path,
-                                                            monkeypatch: pytest.MonkeyPatch, error: Exception,
-                                                            state: TrialState, reason: str) -> None:
+@pytest.mark.parametrize(
+    "error, state, reason",
+    [
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
+            TrialState.FAIL,
+            "out of memory",
+        ),
+        (DivergedError("training loss is nan at epoch 1"), TrialState.PRUNED, "diverged"),
+    ],
+)
+def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, state: TrialState, reason: str
+) -> None:
     real_train = objective.train_model
     calls = []
 
@@ -54,10 +63,12 @@ def test_out_of_memory_or_nan_ends_the_trial_not_the_worker(tmp_path: Path, tiny
     assert len(finished(study)) == 2
 
 
-def test_a_bug_in_a_trial_is_not_taken_for_a_trial_failed_elsewhere(tmp_path: Path, tiny_fer: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_in_a_trial_is_not_taken_for_a_trial_failed_elsewhere(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Optuna fails a trial whose objective raised before re-raising, so the trial's state alone
     cannot tell a bug from a trial another worker failed: a bug must still stop the worker."""
+
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("a bug")
 

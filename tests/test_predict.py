@@ -16,12 +16,11 @@ from PIL import Image
 
 import fer_search
 from fer_search.cli import main
+from fer_search.config import SpaceConfig
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
-from fer_search.config import SpaceConfig
-from fer_search.model import build_model
+from fer_search.model import BASELINE, build_model
 from fer_search.predict import compact_state, load_model, predict_images, save_model
-from fer_search.model import BASELINE
 
 LIMIT = 16 * 2**20  # bytes: the most a model.pt may take, whatever the architecture
 
@@ -60,10 +59,7 @@ def test_missing_model_says_run_finalize(tmp_path: Path, tiny_fer: Path) -> None
     assert result.exit_code == 2 and "fer-search finalize" in result.output
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read image"),
-    (b"this is text", "missing.jpg"),
-])
+@pytest.mark.parametrize("content, message", [(None, "cannot read image"), (b"this is text", "missing.jpg")])
 def test_bad_image_is_named(finalized: Path, tmp_path: Path, content: bytes | None, message: str) -> None:
     image = tmp_path / "missing.jpg"
     if content is not None:
@@ -88,15 +84,34 @@ def test_model_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
         load_model(garbage)
 
 
-@pytest.mark.parametrize("doc, message", [
-    (b"hello, not a model\n", "not a readable model file"),
-    ({"format": "fer-search-model/1"}, "damaged fer-search model file"),
-    ({"format": "fer-search-model/1", "normalization": {"mean": 0.5, "std": 0.5}, "classes": list(CLASSES),
-      "params": {}, "state_dict": {}}, "damaged fer-search model file"),
-    ({"format": "fer-search-model/1", "normalization": {"mean": 0.5, "std": 0.5}, "classes": list(CLASSES),
-      "params": BASELINE.to_dict(), "state_dict": {"w": torch.zeros(1)}}, "damaged fer-search model file"),
-    ({"something": "else"}, "not a fer-search model file"),
-])
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (b"hello, not a model\n", "not a readable model file"),
+        ({"format": "fer-search-model/1"}, "damaged fer-search model file"),
+        (
+            {
+                "format": "fer-search-model/1",
+                "normalization": {"mean": 0.5, "std": 0.5},
+                "classes": list(CLASSES),
+                "params": {},
+                "state_dict": {},
+            },
+            "damaged fer-search model file",
+        ),
+        (
+            {
+                "format": "fer-search-model/1",
+                "normalization": {"mean": 0.5, "std": 0.5},
+                "classes": list(CLASSES),
+                "params": BASELINE.to_dict(),
+                "state_dict": {"w": torch.zeros(1)},
+            },
+            "damaged fer-search model file",
+        ),
+        ({"something": "else"}, "not a fer-search model file"),
+    ],
+)
 def test_a_damaged_model_file_is_one_line_exit_2(tmp_path: Path, tiny_fer: Path, doc: object, message: str) -> None:
     path = tmp_path / "model.pt"
     if isinstance(doc, bytes):
@@ -118,10 +133,12 @@ def test_a_missing_model_file_says_finalize_writes_one(tmp_path: Path, tiny_fer:
 def test_every_architecture_of_the_space_fits_in_16_mib(tmp_path: Path) -> None:
     space = SpaceConfig()
     sizes = {}
-    for pattern, width, convs, depth in itertools.product(space.dropout_pattern, space.width, space.convs_per_block,
-                                                          space.linear_depth):
-        params = dataclasses.replace(BASELINE, dropout_pattern=pattern, width=width, convs_per_block=convs,
-                                     linear_depth=depth)
+    for pattern, width, convs, depth in itertools.product(
+        space.dropout_pattern, space.width, space.convs_per_block, space.linear_depth
+    ):
+        params = dataclasses.replace(
+            BASELINE, dropout_pattern=pattern, width=width, convs_per_block=convs, linear_depth=depth
+        )
         path = tmp_path / "model.pt"
         save_model(path, build_model(params).state_dict(), params, CLASSES, {})
         sizes[pattern, width, convs, depth] = path.stat().st_size
@@ -140,8 +157,12 @@ def test_weights_are_float16_and_statistics_float32(finalized: Path) -> None:
 
 
 def test_compact_state_keeps_float32_where_float16_would_overflow() -> None:
-    state = {"big.weight": torch.tensor([[1.0, 1e6]]), "small.weight": torch.tensor([[1.0, 1e-3]]),
-             "inf.weight": torch.tensor([[1.0, float("inf")]]), "bias": torch.tensor([0.1])}
+    state = {
+        "big.weight": torch.tensor([[1.0, 1e6]]),
+        "small.weight": torch.tensor([[1.0, 1e-3]]),
+        "inf.weight": torch.tensor([[1.0, float("inf")]]),
+        "bias": torch.tensor([0.1]),
+    }
     compact = compact_state(state)
     assert compact["big.weight"].dtype == torch.float32 and torch.equal(compact["big.weight"], state["big.weight"])
     assert compact["small.weight"].dtype == compact["inf.weight"].dtype == torch.float16
@@ -153,8 +174,14 @@ def test_a_float32_model_file_still_loads_and_predicts_as_its_weights(tmp_path: 
     """model.pt files written before weights were stored in float16 hold float32 ones."""
     torch.manual_seed(0)
     model = build_model(BASELINE).eval()
-    doc = {"format": "fer-search-model/1", "state_dict": model.state_dict(), "params": BASELINE.to_dict(),
-           "classes": list(CLASSES), "normalization": {"mean": 0.5, "std": 0.5}, "meta": {}}
+    doc = {
+        "format": "fer-search-model/1",
+        "state_dict": model.state_dict(),
+        "params": BASELINE.to_dict(),
+        "classes": list(CLASSES),
+        "normalization": {"mean": 0.5, "std": 0.5},
+        "meta": {},
+    }
     torch.save(doc, tmp_path / "old.pt")
     loaded = load_model(tmp_path / "old.pt")
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))

@@ -10,8 +10,18 @@ from pathlib import Path
 from click.testing import CliRunner
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from searching import (EPOCHS, FAST_RUN, checkpoint_files, cli, finished, load, running_with_checkpoint, spawn_run,
-                       wait_for, write_config)
+from searching import (
+    EPOCHS,
+    FAST_RUN,
+    checkpoint_files,
+    cli,
+    finished,
+    load,
+    running_with_checkpoint,
+    spawn_run,
+    wait_for,
+    write_config,
+)
 
 from fer_search.cli import main
 from fer_search.model import BASELINE, TrialParams
@@ -159,7 +169,7 @@ def test_a_live_workers_trial_failed_by_another_is_handed_to_its_retry(tmp_path:
 
 
 def test_a_hyperband_study_runs_to_its_total(tmp_path: Path, tiny_fer: Path) -> None:
-    config = write_config(tmp_path, tiny_fer, "[pruner]\nkind = \"hyperband\"\nmin_epochs = 1\nreduction_factor = 2\n")
+    config = write_config(tmp_path, tiny_fer, '[pruner]\nkind = "hyperband"\nmin_epochs = 1\nreduction_factor = 2\n')
     result = cli("run", "--config", config, "--trials", 6, "--epochs", 4, "--device", "cpu")
     assert result.exit_code == 0, result.output
     study = load(tmp_path)

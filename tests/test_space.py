@@ -17,16 +17,26 @@ from fer_search.space import optuna_params, params_from_trial, suggest_params
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 DROPOUTS = ("dropout_high", "dropout_low", "dropout_head")
-SEARCHED_ALWAYS = {"dropout_pattern", "lr", "weight_decay", "batch_size", "linear_depth", "optimizer", "scheduler",
-                   "width", "convs_per_block"}
+SEARCHED_ALWAYS = {
+    "dropout_pattern",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "linear_depth",
+    "optimizer",
+    "scheduler",
+    "width",
+    "convs_per_block",
+}
 
 
 def new_study(storage: str | None = None) -> optuna.Study:
     return optuna.create_study(storage=storage, direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
 
 
-def ask_params(space: SpaceConfig, enqueued: dict[str, Any] | None = None,
-               study: optuna.Study | None = None) -> tuple[optuna.Trial, TrialParams]:
+def ask_params(
+    space: SpaceConfig, enqueued: dict[str, Any] | None = None, study: optuna.Study | None = None
+) -> tuple[optuna.Trial, TrialParams]:
     """A fresh trial (with `enqueued` fixed first when given) and what suggest_params makes of it."""
     study = study or new_study()
     if enqueued is not None:
@@ -46,13 +56,16 @@ def fixed_value(params: TrialParams, name: str) -> Any:
     return (value,) if isinstance(spec, tuple) else value
 
 
-@pytest.mark.parametrize(("pattern", "expected"), [
-    ("none", ()),
-    ("head", ("dropout_head",)),
-    ("every", ("dropout_high", "dropout_head")),
-    ("alternate", ("dropout_high", "dropout_head")),
-    ("interlaced", ("dropout_high", "dropout_low", "dropout_head")),
-])
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("none", ()),
+        ("head", ("dropout_head",)),
+        ("every", ("dropout_high", "dropout_head")),
+        ("alternate", ("dropout_high", "dropout_head")),
+        ("interlaced", ("dropout_high", "dropout_low", "dropout_head")),
+    ],
+)
 def test_used_dropouts_table(pattern: str, expected: tuple[str, ...]) -> None:
     assert used_dropouts(pattern) == expected
 
@@ -98,13 +111,19 @@ def test_suggestions_stay_in_the_space() -> None:
 
 
 def test_fixed_values_are_not_suggested_but_land_in_params() -> None:
-    space = dataclasses.replace(SpaceConfig(), lr=2e-3, batch_size=(64,), dropout_pattern=("head",),
-                                dropout_head=0.25, width=(1.5,))
+    space = dataclasses.replace(
+        SpaceConfig(), lr=2e-3, batch_size=(64,), dropout_pattern=("head",), dropout_head=0.25, width=(1.5,)
+    )
     trial, params = ask_params(space)
     assert not {"lr", "batch_size", "dropout_pattern", "dropout_head", "width"} & set(trial.params)
     assert set(trial.params) == SEARCHED_ALWAYS - {"lr", "batch_size", "dropout_pattern", "width"}
-    assert (params.lr, params.batch_size, params.dropout_pattern, params.dropout_head, params.width) == \
-        (2e-3, 64, "head", 0.25, 1.5)
+    assert (params.lr, params.batch_size, params.dropout_pattern, params.dropout_head, params.width) == (
+        2e-3,
+        64,
+        "head",
+        0.25,
+        1.5,
+    )
     assert params.dropout_high is None and params.dropout_low is None
 
 
@@ -118,8 +137,16 @@ def test_everything_fixed_suggests_nothing() -> None:
 ROUND_TRIP_PARAMS = {
     "baseline": BASELINE,
     "every": with_pattern(BASELINE, "every", dropout_high=0.45, dropout_head=0.3),
-    "none": dataclasses.replace(with_pattern(BASELINE, "none"), optimizer="adamw", scheduler="cosine",
-                                width=2.0, convs_per_block=2, linear_depth=3, batch_size=512, lr=3e-3),
+    "none": dataclasses.replace(
+        with_pattern(BASELINE, "none"),
+        optimizer="adamw",
+        scheduler="cosine",
+        width=2.0,
+        convs_per_block=2,
+        linear_depth=3,
+        batch_size=512,
+        lr=3e-3,
+    ),
 }
 
 
@@ -154,18 +181,22 @@ def test_optuna_params_leaves_out_fixed_values() -> None:
     assert ask_params(space, enqueued)[1] == BASELINE
 
 
-@pytest.mark.parametrize("change", [
-    {"batch_size": (64, 256)},
-    {"lr": FloatRange(2e-3, 3e-3, log=True)},
-    {"lr": FloatRange(1e-5, 9e-4, log=True)},
-    {"lr": 2e-3},
-    {"dropout_pattern": ("none", "head", "every")},
-    {"dropout_low": FloatRange(0.35, 0.4)},
-    {"dropout_low": 0.2},
-    {"width": (0.5,)},
-    {"optimizer": ("adamw",)},
-    {"linear_depth": (1, 3)},
-], ids=lambda change: next(iter(change)))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"batch_size": (64, 256)},
+        {"lr": FloatRange(2e-3, 3e-3, log=True)},
+        {"lr": FloatRange(1e-5, 9e-4, log=True)},
+        {"lr": 2e-3},
+        {"dropout_pattern": ("none", "head", "every")},
+        {"dropout_low": FloatRange(0.35, 0.4)},
+        {"dropout_low": 0.2},
+        {"width": (0.5,)},
+        {"optimizer": ("adamw",)},
+        {"linear_depth": (1, 3)},
+    ],
+    ids=lambda change: next(iter(change)),
+)
 def test_optuna_params_none_when_space_excludes_the_baseline(change: dict[str, Any]) -> None:
     assert optuna_params(BASELINE, dataclasses.replace(SpaceConfig(), **change)) is None
 

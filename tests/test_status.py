@@ -28,9 +28,11 @@ def test_status_starts_without_torch(tmp_path: Path, tiny_fer: Path) -> None:
     """`status` is what a user runs again and again on a busy study: it must not pay torch's import."""
     config = write_config(tmp_path, tiny_fer)
     assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
-    probe = ("import sys\nfrom fer_search.cli import main\n"
-             "try:\n    main(['status', '--config', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    probe = (
+        "import sys\nfrom fer_search.cli import main\n"
+        "try:\n    main(['status', '--config', sys.argv[1]])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
     done = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "complete 1" in done.stdout and done.stdout.strip().endswith("no torch")

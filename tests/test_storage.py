@@ -16,9 +16,7 @@ import optuna
 import pytest
 
 from fer_search.errors import UserError
-from fer_search.storage import (
-    SQLITE_BUSY_TIMEOUT_MS, Heartbeat, load_existing_study, open_artifact_store, open_storage,
-)
+from fer_search.storage import SQLITE_BUSY_TIMEOUT_MS, Heartbeat, load_existing_study, open_artifact_store, open_storage
 
 WORKERS = 4
 TRIALS_PER_WORKER = 30
@@ -43,6 +41,7 @@ def user_error(url: str) -> str:
 
 
 # --- worker processes (module level: spawned children import them) ------------------------------
+
 
 def ask_and_tell(barrier: Any, index: int, url: str, study_name: str) -> None:
     """Open the storage, wait for the others, then run short trials as fast as possible."""
@@ -95,6 +94,7 @@ def run_together(body: Callable[..., None], processes: int, *args: Any) -> list[
 
 
 # --- SQLite tuning -------------------------------------------------------------------------------
+
 
 def test_sqlite_creates_its_folder_and_uses_wal(tmp_path: Path) -> None:
     db = tmp_path / "deep" / "er" / "x.db"
@@ -149,17 +149,26 @@ def test_simultaneous_first_starts_on_a_new_file_all_succeed(tmp_path: Path) -> 
 
 # --- bad URLs ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("nonsense", "storage URL 'nonsense' is not a database URL"),
-    ("foo://x", "storage URL foo://x: unsupported database 'foo'"),
-    ("postgresql+nosuchdriver://u@h/db", "postgresql+nosuchdriver://u@h/db: unknown driver"),
-    pytest.param("postgresql+psycopg://u:s3cretpw@127.0.0.1:1/db",
-                 "postgresql+psycopg://u:***@127.0.0.1:1/db: cannot connect",
-                 marks=pytest.mark.skipif(missing("psycopg"), reason="psycopg is not installed")),
-    pytest.param("postgresql+psycopg2://u:s3cretpw@127.0.0.1:1/db", "postgresql+psycopg2://u:***@127.0.0.1:1/db: its "
-                 "database driver is not installed (pip install -e '.[postgres]')",
-                 marks=pytest.mark.skipif(not missing("psycopg2"), reason="psycopg2 is installed")),
-])
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nonsense", "storage URL 'nonsense' is not a database URL"),
+        ("foo://x", "storage URL foo://x: unsupported database 'foo'"),
+        ("postgresql+nosuchdriver://u@h/db", "postgresql+nosuchdriver://u@h/db: unknown driver"),
+        pytest.param(
+            "postgresql+psycopg://u:s3cretpw@127.0.0.1:1/db",
+            "postgresql+psycopg://u:***@127.0.0.1:1/db: cannot connect",
+            marks=pytest.mark.skipif(missing("psycopg"), reason="psycopg is not installed"),
+        ),
+        pytest.param(
+            "postgresql+psycopg2://u:s3cretpw@127.0.0.1:1/db",
+            "postgresql+psycopg2://u:***@127.0.0.1:1/db: its "
+            "database driver is not installed (pip install -e '.[postgres]')",
+            marks=pytest.mark.skipif(not missing("psycopg2"), reason="psycopg2 is installed"),
+        ),
+    ],
+)
 def test_bad_url_is_a_one_line_user_error(url: str, expected: str) -> None:
     message = user_error(url)
     assert expected in message
@@ -191,6 +200,7 @@ def test_load_existing_study_names_the_missing_study(tmp_path: Path) -> None:
 
 # --- artifacts -----------------------------------------------------------------------------------
 
+
 def test_artifact_store_creates_its_folder_and_round_trips_bytes(tmp_path: Path) -> None:
     folder = tmp_path / "a" / "b"
     store = open_artifact_store(folder)
@@ -201,8 +211,9 @@ def test_artifact_store_creates_its_folder_and_round_trips_bytes(tmp_path: Path)
             assert reader.read() == payload
 
 
-def test_a_failed_heartbeat_write_does_not_end_the_heartbeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_heartbeat_write_does_not_end_the_heartbeats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Optuna's heartbeat thread has no error handling: one failed write would end it for good."""
     storage = open_storage(sqlite_url(tmp_path / "h.db"), Heartbeat(interval=1, grace_period=3, max_retry=1))
     study = optuna.create_study(storage=storage)

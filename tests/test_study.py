@@ -20,12 +20,14 @@ def test_changed_epochs_or_space_refused_unless_ignored(tmp_path: Path, tiny_fer
     changed = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "2"])
     assert changed.exit_code == 2 and "epochs (1 -> 2)" in changed.output and "--ignore-mismatch" in changed.output
     write_config(tmp_path, tiny_fer, "[space]\nwidth = [0.5, 1.0]\n")
-    choices = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1",
-                                        "--ignore-mismatch"])
+    choices = CliRunner().invoke(
+        main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1", "--ignore-mismatch"]
+    )
     assert choices.exit_code == 2 and "space.width" in choices.output  # Optuna cannot change choices
     write_config(tmp_path, tiny_fer, "[space]\nlr = {low = 1e-4, high = 3e-3, log = false}\n")
-    log_scale = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1",
-                                          "--ignore-mismatch"])
+    log_scale = CliRunner().invoke(
+        main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1", "--ignore-mismatch"]
+    )
     assert log_scale.exit_code == 2 and "space.lr" in log_scale.output and "log scale" in log_scale.output
     write_config(tmp_path, tiny_fer, "[space]\nlr = {low = 1e-4, high = 1e-2, log = true}\n")
     space = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "2", "--epochs", "1"])
@@ -44,14 +46,17 @@ def test_baseline_outside_the_space_is_not_enqueued(tmp_path: Path, tiny_fer: Pa
     assert "excludes" in cli("status", "--config", config).output
 
 
-@pytest.mark.parametrize("kind, patience, expected", [
-    ("percentile", 0, optuna.pruners.PercentilePruner),
-    ("median", 0, optuna.pruners.PercentilePruner),
-    ("hyperband", 0, optuna.pruners.HyperbandPruner),
-    ("none", 0, optuna.pruners.NopPruner),
-    ("median", 3, optuna.pruners.PatientPruner),
-    ("hyperband", 2, optuna.pruners.PatientPruner),
-])
+@pytest.mark.parametrize(
+    "kind, patience, expected",
+    [
+        ("percentile", 0, optuna.pruners.PercentilePruner),
+        ("median", 0, optuna.pruners.PercentilePruner),
+        ("hyperband", 0, optuna.pruners.HyperbandPruner),
+        ("none", 0, optuna.pruners.NopPruner),
+        ("median", 3, optuna.pruners.PatientPruner),
+        ("hyperband", 2, optuna.pruners.PatientPruner),
+    ],
+)
 def test_the_pruner_is_the_one_configured(kind: str, patience: int, expected: type) -> None:
     config = PrunerConfig(kind=kind, patience=patience)
     assert type(study_module.make_pruner(config, epochs=30)) is expected
@@ -69,10 +74,15 @@ def test_samplers_of_different_workers_draw_differently() -> None:
 
 @pytest.mark.parametrize("kind, pruned", [("median", False), ("percentile", True)])
 def test_the_percentile_pruner_keeps_the_best_third_and_the_median_half(kind: str, pruned: bool) -> None:
-    study = optuna.create_study(direction="maximize", pruner=study_module.make_pruner(PrunerConfig(kind=kind), epochs=30))
+    study = optuna.create_study(
+        direction="maximize", pruner=study_module.make_pruner(PrunerConfig(kind=kind), epochs=30)
+    )
     for value in (0.1, 0.2, 0.3, 0.4, 0.5):
-        study.add_trial(optuna.create_trial(value=value, params={}, distributions={},
-                                            intermediate_values={e: value for e in range(1, 4)}))
+        study.add_trial(
+            optuna.create_trial(
+                value=value, params={}, distributions={}, intermediate_values={e: value for e in range(1, 4)}
+            )
+        )
     trial = study.ask()
     for epoch in (1, 2, 3):  # 0.35: above the median (0.3), below the best third (above 0.37)
         trial.report(0.35, epoch)

@@ -21,20 +21,37 @@ import fer_search.train as train_mod
 from fer_search.augment import normalize
 from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
-from fer_search.model import build_model
+from fer_search.model import BASELINE, TrialParams, build_model
 from fer_search.predict import model_from_state
-from fer_search.model import BASELINE, TrialParams
 from fer_search.train import (
-    Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, evaluate, logits_for, resolve_device,
+    Checkpoint,
+    DivergedError,
+    EpochRecord,
+    TrainResult,
+    TrainSettings,
+    evaluate,
+    logits_for,
+    resolve_device,
     train_model,
 )
 
 CPU = torch.device("cpu")
 SMALL = dataclasses.replace(BASELINE, batch_size=32, width=0.5)  # the baseline's layout, with its dropouts
-NO_DROPOUT = dataclasses.replace(SMALL, dropout_pattern="none",
-                                 dropout_high=None, dropout_low=None, dropout_head=None)
-CHECKPOINT_KEYS = {"trial_params", "epochs", "device_type", "model", "optimizer", "scheduler", "generator", "rng",
-                   "history", "best_epoch", "best_val_acc", "best_state"}
+NO_DROPOUT = dataclasses.replace(SMALL, dropout_pattern="none", dropout_high=None, dropout_low=None, dropout_head=None)
+CHECKPOINT_KEYS = {
+    "trial_params",
+    "epochs",
+    "device_type",
+    "model",
+    "optimizer",
+    "scheduler",
+    "generator",
+    "rng",
+    "history",
+    "best_epoch",
+    "best_val_acc",
+    "best_state",
+}
 
 
 class Stop(Exception):
@@ -106,6 +123,7 @@ def train_recording(data: FerData, params: TrialParams, epochs: int, save_at: in
 
 # --- one run: history, best epoch, best state ---------------------------------------------------
 
+
 def test_history_has_one_finite_record_per_epoch(two_epochs: TrainResult) -> None:
     history = two_epochs.history
     assert [r.epoch for r in history] == [1, 2]
@@ -174,7 +192,7 @@ def test_a_training_step_adds_few_kernels_to_the_models_own(data: FerData) -> No
     generator = torch.Generator().manual_seed(0)
 
     def epoch(batches: int) -> None:
-        train_mod._train_one_epoch(model, optimizer, x[:32 * batches], y[:32 * batches], 32, generator, cuda=False)
+        train_mod._train_one_epoch(model, optimizer, x[: 32 * batches], y[: 32 * batches], 32, generator, cuda=False)
 
     def bare_step() -> None:
         loss = F.cross_entropy(model(xb), y[:32])
@@ -189,6 +207,7 @@ def test_a_training_step_adds_few_kernels_to_the_models_own(data: FerData) -> No
 
 
 # --- reproducibility and learning ----------------------------------------------------------------
+
 
 def test_same_seed_gives_the_same_history_and_weights(data: FerData, two_epochs: TrainResult) -> None:
     again = train(data, SMALL, epochs=2)
@@ -211,6 +230,7 @@ def test_learns_the_tiny_data_set(data: FerData) -> None:
 
 
 # --- the epoch callback, checkpoints and resumption ---------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["none", "interlaced"])
 def recorded(request: pytest.FixtureRequest, data: FerData) -> Recorded:
@@ -247,8 +267,13 @@ def test_a_damaged_checkpoint_raises(recorded: Recorded) -> None:
 
 def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(data: FerData, recorded: Recorded) -> None:
     records: list[EpochRecord] = []
-    resumed = train(data, recorded.params, epochs=3, resume=Checkpoint.from_bytes(recorded.saved),
-                    on_epoch=lambda record, _checkpoint: records.append(record))
+    resumed = train(
+        data,
+        recorded.params,
+        epochs=3,
+        resume=Checkpoint.from_bytes(recorded.saved),
+        on_epoch=lambda record, _checkpoint: records.append(record),
+    )
     assert [r.epoch for r in records] == [2, 3]
     assert curve(resumed.history) == curve(recorded.result.history)
     assert (resumed.best_epoch, resumed.best_val_acc) == (recorded.result.best_epoch, recorded.result.best_val_acc)
@@ -271,8 +296,12 @@ def test_raising_from_the_callback_stops_training(data: FerData) -> None:
 def test_huge_learning_rate_diverges(data: FerData) -> None:
     calls: list[int] = []
     with pytest.raises(DivergedError, match="epoch 1"):
-        train(data, dataclasses.replace(NO_DROPOUT, lr=1e12), epochs=2,
-              on_epoch=lambda record, _checkpoint: calls.append(record.epoch))
+        train(
+            data,
+            dataclasses.replace(NO_DROPOUT, lr=1e12),
+            epochs=2,
+            on_epoch=lambda record, _checkpoint: calls.append(record.epoch),
+        )
     assert calls == []  # the diverged epoch is never reported
 
 
@@ -284,6 +313,7 @@ def test_non_finite_loss_raises_diverged(data: FerData, monkeypatch: pytest.Monk
 
 
 # --- optimisers and schedulers -------------------------------------------------------------------
+
 
 def test_cosine_anneals_the_learning_rate(data: FerData) -> None:
     params = dataclasses.replace(NO_DROPOUT, scheduler="cosine")
@@ -301,13 +331,16 @@ def test_plateau_halves_the_learning_rate_after_its_patience(data: FerData, monk
 
 def test_adamw_runs_and_differs_from_adam(data: FerData) -> None:
     # A large weight decay: Adam's L2 and AdamW's decoupled decay then give clearly different weights.
-    runs = {name: train(subset(data, 32), dataclasses.replace(NO_DROPOUT, optimizer=name, weight_decay=0.5), epochs=1)
-            for name in ("adam", "adamw")}
+    runs = {
+        name: train(subset(data, 32), dataclasses.replace(NO_DROPOUT, optimizer=name, weight_decay=0.5), epochs=1)
+        for name in ("adam", "adamw")
+    }
     assert all(math.isfinite(r.history[0].train_loss) for r in runs.values())
     assert not same_tensors(runs["adam"].model.state_dict(), runs["adamw"].model.state_dict())
 
 
 # --- devices and evaluation ----------------------------------------------------------------------
+
 
 def test_resolve_device_cpu_and_auto_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -335,12 +368,16 @@ def test_resolve_device_accepts_a_gpu_this_machine_has(monkeypatch: pytest.Monke
     assert resolve_device(name) == torch.device(name)
 
 
-@pytest.mark.parametrize(("name", "gpus", "says"), [
-    ("cuda:1", 1, "this machine has 1 CUDA GPU (cuda:0 to cuda:0)"),
-    ("cuda:4", 2, "this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"),
-])
-def test_resolve_device_index_beyond_the_gpus_is_a_user_error(monkeypatch: pytest.MonkeyPatch, name: str, gpus: int,
-                                                              says: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "gpus", "says"),
+    [
+        ("cuda:1", 1, "this machine has 1 CUDA GPU (cuda:0 to cuda:0)"),
+        ("cuda:4", 2, "this machine has 2 CUDA GPUs (cuda:0 to cuda:1)"),
+    ],
+)
+def test_resolve_device_index_beyond_the_gpus_is_a_user_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, gpus: int, says: str
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(UserError) as info:
@@ -349,8 +386,9 @@ def test_resolve_device_index_beyond_the_gpus_is_a_user_error(monkeypatch: pytes
 
 
 @pytest.mark.parametrize(("processes", "threads"), [(1, 6), (2, 3), (4, 1), (6, 1), (12, 1)])
-def test_cpu_threads_share_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch, processes: int,
-                                                          threads: int) -> None:
+def test_cpu_threads_share_the_cores_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, processes: int, threads: int
+) -> None:
     # Six cores in the affinity mask of a 64-core machine: the mask is what the process gets.
     set_to: list[int] = []
     monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
