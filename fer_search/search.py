@@ -78,16 +78,19 @@ def _take_trials(
     run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
     orphans = OrphanWatch(run.grace_period, retry)
+    retries = RetryWatch()
     try:
         while True:
+            retries.look(study)
             fail_stale_trials(study)
             orphans.fail_and_retry(study)
+            retry_pending = retries.pending(study)
             finished, running = count_finished_running(study)
             if finished >= run.trials:
                 return RunOutcome(timed_out=False, status=study_status(study))
             if deadline is not None and time.monotonic() >= deadline:
                 return RunOutcome(timed_out=True, status=study_status(study))
-            if finished + running >= run.trials:
+            if finished + running >= run.trials or retry_pending:
                 time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
                 continue
             try:
@@ -140,6 +143,40 @@ class OrphanWatch:
             log.warning("trial %d never started (its worker died before training it); retrying it", number)
             if self.retry is not None:
                 self.retry(study, trial_numbered(study, number))
+
+
+class RetryWatch:
+    """Tells when a trial seen running has just failed and its retry is not enqueued yet.
+
+    Why by hand: Optuna fails a stale trial and enqueues its retry in two transactions (as the
+    orphan watch does). A worker counting in between sees one trial fewer running and no retry
+    waiting, and would start a fresh trial instead: the study could then reach --trials with the
+    retry left WAITING. Waiting one poll lets the failing worker enqueue it; if that worker died
+    in between, the next look goes on without it.
+    """
+
+    def __init__(self) -> None:
+        self.running: set[int] = set()  # trials this worker saw RUNNING since its last `pending`
+
+    def look(self, study: optuna.Study) -> None:
+        self.running |= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+    def pending(self, study: optuna.Study) -> bool:
+        trials = study.get_trials(deepcopy=False)
+        # A retry names its trial in system_attrs["failed_trial"], a Ctrl-C requeue in user_attrs["resumed_from"];
+        # a trial its own worker failed (out of memory) says why and gets no retry.
+        followed = {t.system_attrs.get("failed_trial") for t in trials} | {
+            t.user_attrs.get("resumed_from") for t in trials
+        }
+        pending = any(
+            t.number in self.running
+            and t.state == TrialState.FAIL
+            and t.number not in followed
+            and "fail_reason" not in t.user_attrs
+            for t in trials
+        )
+        self.running = {t.number for t in trials if t.state == TrialState.RUNNING}
+        return pending
 
 
 def _report_end(study: optuna.Study, objective: Objective, number: int | None, progress: ProgressFn | None) -> None:

@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+import optuna
 from click.testing import CliRunner
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -25,6 +26,7 @@ from searching import (
 
 from fer_search.cli import main
 from fer_search.model import BASELINE, TrialParams
+from fer_search.search import RetryWatch
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -181,3 +183,24 @@ def test_progress_stays_off_a_terminal(tmp_path: Path, tiny_fer: Path) -> None:
     result = cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu")
     assert result.exit_code == 0
     assert "\r" not in result.output and "\033[" not in result.output and "epoch 1/2" not in result.output
+
+
+def test_a_trial_failed_before_its_retry_is_enqueued_holds_off_new_trials() -> None:
+    """The window between Optuna failing a stale trial and enqueuing its retry: a worker counting then
+    must wait one poll, or it starts a fresh trial and the retry may be left WAITING."""
+    study = optuna.create_study()
+    watch = RetryWatch()
+    dead, crashed = study.ask(), study.ask()
+    watch.look(study)
+    study.tell(dead.number, state=TrialState.FAIL)  # failed as stale by another worker, retry not yet enqueued
+    assert watch.pending(study)
+    assert not watch.pending(study)  # one poll only: had the failing worker died, the search goes on
+    watch.look(study)
+    crashed.set_user_attr("fail_reason", "out of memory: CUDA")
+    study.tell(crashed.number, state=TrialState.FAIL)  # failed by its own worker, which gives no retry
+    assert not watch.pending(study)
+    running = study.ask()
+    watch.look(study)
+    study.tell(running.number, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[running.number])
+    assert not watch.pending(study)  # its retry is there
