@@ -246,7 +246,8 @@ def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> Seed
     model = model_from_state(job.params, trained["state"], len(CLASSES))
     test = _test_split(data)
     private_probs = probabilities(model, test.x)
-    all_pred, all_y = private_probs.argmax(1), test.y
+    private_pred = private_probs.argmax(1)
+    all_pred, all_y = private_pred, test.y
     if data.val_is_public_test:  # Public + Private: PrivateTest's predictions are at hand (the CPU pass is slow)
         all_pred = torch.cat([probabilities(model, data.val.x).argmax(1), all_pred])
         all_y = torch.cat([data.val.y, test.y])
@@ -256,9 +257,9 @@ def _evaluated_run(job: SeedJob, trained: dict[str, Any], data: FerData) -> Seed
         best_epoch=trained["best_epoch"],
         val_acc=trained["val_acc"],
         history=json.loads(trained["history"]),
-        private_test=classification_report(test.y.numpy(), private_probs.argmax(1).numpy(), CLASSES),
+        private_test=classification_report(test.y.numpy(), private_pred.numpy(), CLASSES),
         test_all=classification_report(all_y.numpy(), all_pred.numpy(), CLASSES),
-        test_pred=private_probs.argmax(1).tolist(),
+        test_pred=private_pred.tolist(),
         test_conf=private_probs.max(1).values.tolist(),
     )
 

@@ -27,6 +27,8 @@ from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainSettin
 log = logging.getLogger("fer_search")
 # User attribute: the number of the trial whose objective started (set first thing in it).
 STARTED = "started_as"
+# User attribute: why the objective itself ended its trial (out of memory, diverged); such a trial gets no retry.
+FAIL_REASON = "fail_reason"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Objective:
         try:
             result = train_model(params, self.data, settings, on_epoch=state.on_epoch, resume=resume)
         except DivergedError as e:
-            trial.set_user_attr("fail_reason", f"diverged: {e}")
+            trial.set_user_attr(FAIL_REASON, f"diverged: {e}")
             state.drop_checkpoint()
             raise optuna.TrialPruned(str(e)) from None
         except optuna.TrialPruned:
@@ -104,7 +106,7 @@ class Objective:
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
-            trial.set_user_attr("fail_reason", f"out of memory: {first_line(e)}")
+            trial.set_user_attr(FAIL_REASON, f"out of memory: {first_line(e)}")
             state.drop_checkpoint()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # give the memory back to the trials sharing this GPU

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fer_search.config import Config
 from fer_search.data import load_configured
 from fer_search.errors import UserError, logging_to
-from fer_search.objective import STARTED, Objective, OutOfMemory, Progress, ProgressFn
+from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory, Progress, ProgressFn
 from fer_search.processes import INTERRUPTED, ChildError, run_child, spawn_context, stop_processes
 from fer_search.status import best_value, count_finished_running, study_status
 from fer_search.storage import Heartbeat, opened_storage
@@ -172,7 +172,7 @@ class RetryWatch:
             t.number in self.running
             and t.state == TrialState.FAIL
             and t.number not in followed
-            and "fail_reason" not in t.user_attrs
+            and FAIL_REASON not in t.user_attrs
             for t in trials
         )
         self.running = {t.number for t in trials if t.state == TrialState.RUNNING}

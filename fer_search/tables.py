@@ -1,4 +1,4 @@
-"""Finalize's plain text: the printed summary, recalls_precisions.txt, epoch_accs.json, and the figures' formats."""
+"""Finalize's plain text: the printed summary, recalls_precisions.txt, epoch_accs.json, and the number formats."""
 
 from __future__ import annotations
 

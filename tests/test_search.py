@@ -204,3 +204,12 @@ def test_a_trial_failed_before_its_retry_is_enqueued_holds_off_new_trials() -> N
     study.tell(running.number, state=TrialState.FAIL)
     RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[running.number])
     assert not watch.pending(study)  # its retry is there
+
+
+def test_an_artifact_folder_that_cannot_be_made_stops_run_with_one_line(tmp_path: Path, tiny_fer: Path) -> None:
+    (tmp_path / "file").write_text("")
+    config = write_config(tmp_path, tiny_fer, f'[study]\nartifacts = "{tmp_path / "file" / "artifacts"}"\n')
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--trials", "1", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and str(tmp_path / "file" / "artifacts") in result.output
+    assert "Traceback" not in result.output

@@ -211,6 +211,15 @@ def test_artifact_store_creates_its_folder_and_round_trips_bytes(tmp_path: Path)
             assert reader.read() == payload
 
 
+def test_an_artifact_folder_that_cannot_be_made_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError) as info:
+        open_artifact_store(tmp_path / "file" / "artifacts")
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'file' / 'artifacts'}: cannot create the artifact store folder")
+    assert "\n" not in message
+
+
 def test_a_failed_heartbeat_write_does_not_end_the_heartbeats(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
