@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from fer_search.errors import UserError
 from fer_search.files import content_fingerprint
@@ -25,6 +26,16 @@ PUBLIC_PREFIX = "PublicTest_"
 PRIVATE_PREFIX = "PrivateTest_"
 CSV_NAME = "fer2013.csv"
 CSV_USAGES = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
+
+# The formats FER2013 ships in and faces are photographed in, told by their signatures; anything else (GIF, BMP,
+# WEBP, or PostScript named .jpg that Pillow would hand to Ghostscript) is refused before any decoder sees it.
+_IMAGE_CLASSES: dict[bytes, type[ImageFile.ImageFile]] = {
+    b"\xff\xd8\xff": JpegImagePlugin.JpegImageFile,
+    b"\x89PNG\r\n\x1a\n": PngImagePlugin.PngImageFile,
+}
+# Far below Pillow's decompression-bomb threshold (~89 M pixels), yet a 12-MP phone photo for `predict` passes.
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 # Files per decoding task: large enough to amortise the pool, small enough to spread over cores.
 _CHUNK = 512
@@ -69,20 +80,55 @@ class _Listed(NamedTuple):
 
 def decode_image(raw: bytes, name: str) -> tuple[np.ndarray, bool]:
     """The image in `raw` as uint8 (48, 48) grayscale, and whether it had to be converted to that."""
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
+    with _opened_image(raw, name) as image:
+        try:
             image.load()
             converted = image.mode != "L" or image.size != (SIZE, SIZE)
             gray = image.convert("L") if image.mode != "L" else image
             if gray.size != (SIZE, SIZE):
                 gray = gray.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
             return np.array(gray, dtype=np.uint8), converted
-    except UnidentifiedImageError:
-        raise UserError(f"{name}: not an image (unknown or unsupported format)") from None
+        except Exception as error:
+            raise UserError(_damaged(name, error)) from None
+
+
+def _opened_image(raw: bytes, name: str) -> ImageFile.ImageFile:
+    """The JPEG or PNG image in `raw` with only its header read, refused when larger than MAX_PIXELS."""
+    # The format's own class rather than Image.open: Image.open runs Pillow's bomb check first (a warning past
+    # ~89 M pixels, an error past ~179 M), before the far lower limit here could name the size.
+    image_class = _image_class(raw, name)
+    try:
+        image = image_class(io.BytesIO(raw))
+    except Exception as error:
+        raise UserError(_damaged(name, error)) from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise UserError(
+            f"{_shown(name)}: {width}x{height} pixels, more than the {MAX_PIXELS} ({MAX_SIDE}x{MAX_SIDE}) accepted"
+            " (scale it down)"
+        )
+    return image
+
+
+def _image_class(raw: bytes, name: str) -> type[ImageFile.ImageFile]:
+    """The Pillow class that reads the accepted format `raw` starts with; UserError naming `name` for any other."""
+    image_class = next((cls for signature, cls in _IMAGE_CLASSES.items() if raw.startswith(signature)), None)
+    if image_class is None:
+        raise UserError(f"{_shown(name)}: not a JPEG or PNG image (the only formats accepted)")
+    return image_class
+
+
+def _damaged(name: str, error: Exception) -> str:
+    """The one-line message for an image Pillow failed on."""
     # PIL raises many types for damaged files (OSError for truncation, SyntaxError, ValueError, ...);
     # the reason is folded onto one line because the CLI prints errors as one line.
-    except Exception as error:
-        raise UserError(f"{name}: damaged image ({' '.join(str(error).split())})") from None
+    return f"{_shown(name)}: damaged image ({' '.join(str(error).split())})"
+
+
+def _shown(path: str) -> str:
+    """A path as it can be printed: bytes that are not UTF-8 (surrogates in `path`) escaped as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def plan_sources(path: Path, with_test: bool) -> Plan:
@@ -127,24 +173,48 @@ def _listed_images(split_dir: Path) -> list[_Listed]:
     listed: list[_Listed] = []
     for folder in _scandir(split_dir):
         # Hidden entries are tool droppings (.DS_Store, .ipynb_checkpoints), not classes or images.
-        if folder.name.startswith(".") or not folder.is_dir():
+        if folder.name.startswith(".") or not _is_followed(folder, folder.is_dir):
             continue
         label = _class_label(folder)
         listed += [
-            _Listed(f"{folder.name}/{entry.name}", label, entry)
+            _Listed(f"{folder.name}/{_utf8_name(entry)}", label, entry)
             for entry in _scandir(Path(folder.path))
-            if not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+            if not entry.name.startswith(".")
+            and entry.name.lower().endswith(IMAGE_SUFFIXES)
+            and _is_followed(entry, entry.is_file)
         ]
     return sorted(listed, key=lambda f: f.name)
+
+
+def _is_followed(entry: os.DirEntry[str], is_kind: Callable[[], bool]) -> bool:
+    """entry.is_dir or entry.is_file, links followed; a link that cannot be followed is the user's to fix."""
+    # os.DirEntry answers False for a dangling link but raises for a loop (ELOOP) or an unreadable target.
+    try:
+        return is_kind()
+    except OSError as error:
+        is_loop = error.errno == errno.ELOOP
+        problem = "symbolic link loop (remove the link)" if is_loop else f"cannot read ({error.strerror})"
+        raise UserError(f"{_shown(entry.path)}: {problem}") from None
+
+
+def _utf8_name(entry: os.DirEntry[str]) -> str:
+    """The entry's name, which must be valid UTF-8."""
+    # Refused rather than escaped: the relative names go into content fingerprints, the cache index and reports,
+    # which must mean the same on every machine, and an escaped name could collide with a real one.
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{_shown(entry.path)}: name is not valid UTF-8 (rename it)") from None
+    return entry.name
 
 
 def _class_label(folder: os.DirEntry[str]) -> int:
     """The canonical label of a class folder, matched by name regardless of case."""
     try:
-        return CLASSES.index(folder.name.lower())
+        return CLASSES.index(_utf8_name(folder).lower())
     except ValueError:
         expected = ", ".join(CLASSES)
-        raise UserError(f"{folder.path}: unknown class folder {folder.name!r} (expected {expected})") from None
+        raise UserError(f"{_shown(folder.path)}: unknown class folder {folder.name!r} (expected {expected})") from None
 
 
 def _scandir(folder: Path) -> list[os.DirEntry[str]]:
@@ -153,7 +223,7 @@ def _scandir(folder: Path) -> list[os.DirEntry[str]]:
         with os.scandir(folder) as entries:
             return list(entries)
     except OSError as error:
-        raise UserError(f"{folder}: cannot list ({error.strerror})") from None
+        raise UserError(f"{_shown(str(folder))}: cannot list ({error.strerror})") from None
 
 
 def _folder_source(files: Sequence[_Listed]) -> Source:

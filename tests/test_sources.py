@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_tiny_fer
-from PIL import Image
+from PIL import EpsImagePlugin, Image, PngImagePlugin
 
 from fer_search import sources
 from fer_search.cli import main
@@ -128,6 +131,51 @@ def write_text_as_image(path: Path) -> str:
     return str(path)
 
 
+POSTSCRIPT = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 48 48
+%%EndComments
+0 0 moveto 48 48 lineto stroke
+showpage
+%%EOF
+"""
+
+
+def postscript_saved_as_jpg(root: Path) -> str:
+    path = first_file(root, "train/happy/*.jpg")
+    path.write_bytes(POSTSCRIPT)
+    return f"{path}: not a JPEG or PNG image"
+
+
+def gif_saved_as_png(root: Path) -> str:
+    path = root / "train" / "fear" / "Training_gif.png"
+    path.write_bytes(image_bytes(Image.new("L", (48, 48)), "GIF"))
+    return f"{path}: not a JPEG or PNG image"
+
+
+def non_utf8_file_name(root: Path) -> str:
+    folder = root / "train" / "happy"
+    shutil.copyfile(first_file(folder, "*.jpg"), os.fsencode(folder) + b"/bad\xff.jpg")
+    return f"{folder}/bad\\xff.jpg: name is not valid UTF-8 (rename it)"
+
+
+def non_utf8_class_folder(root: Path) -> str:
+    os.mkdir(os.fsencode(root / "train") + b"/happ\xff")
+    return f"{root / 'train'}/happ\\xff: name is not valid UTF-8 (rename it)"
+
+
+def symlink_loop_image(root: Path) -> str:
+    link = root / "train" / "happy" / "loop.jpg"
+    os.symlink("loop.jpg", link)
+    return f"{link}: symbolic link loop (remove the link"
+
+
+def symlink_loop_class_folder(root: Path) -> str:
+    link = root / "train" / "sad"
+    shutil.rmtree(link)
+    os.symlink("sad", link)
+    return f"{link}: symbolic link loop (remove the link"
+
+
 def truncated_train_image(root: Path) -> str:
     return truncate(first_file(root, "train/sad/*.jpg"))
 
@@ -183,6 +231,12 @@ def no_such_path(root: Path) -> str:
         unnamed_file_among_split_names,
         no_public_test_images,
         no_such_path,
+        postscript_saved_as_jpg,
+        gif_saved_as_png,
+        non_utf8_file_name,
+        non_utf8_class_folder,
+        symlink_loop_image,
+        symlink_loop_class_folder,
     ],
 )
 def test_bad_image_folders_are_named(damage: Callable[[Path], str], tmp_path: Path, cache_dir: Path) -> None:
@@ -207,6 +261,63 @@ def test_decode_image_names_what_it_cannot_decode() -> None:
     for raw in (b"", b"plain text", image_bytes(Image.new("L", (48, 48)), "JPEG")[:100]):
         with pytest.raises(UserError, match="upload/face.jpg"):
             decode_image(raw, "upload/face.jpg")
+
+
+def test_postscript_named_jpg_is_refused_before_any_plugin_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    real_open = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: ran.append("open") or real_open(self))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append("ghostscript"))
+    with pytest.raises(UserError, match=re.escape("upload/x.jpg: not a JPEG or PNG image")) as error:
+        decode_image(POSTSCRIPT, "upload/x.jpg")
+    assert "\n" not in str(error.value)
+    assert ran == []
+
+
+@pytest.mark.parametrize("format", ["GIF", "BMP", "WEBP"])
+def test_other_formats_named_png_are_refused(format: str) -> None:
+    with pytest.raises(UserError, match=re.escape("face.png: not a JPEG or PNG image (the only formats accepted)")):
+        decode_image(image_bytes(Image.new("RGB", (48, 48), (200, 10, 10)), format), "face.png")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height 8-bit gray, with no pixel data at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: length, type, data, CRC of type and data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize(("width", "height"), [(20000, 20000), (4097, 4096)])
+def test_a_png_header_claiming_too_many_pixels_is_refused_unloaded(
+    width: int, height: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[object] = []
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loaded.append(self))
+    limit = "more than the 16777216 (4096x4096) accepted"
+    with pytest.raises(UserError, match=re.escape(f"big.png: {width}x{height} pixels, {limit}")) as error:
+        decode_image(png_header(width, height), "big.png")
+    assert "\n" not in str(error.value)
+    assert loaded == []
+
+
+def test_a_12_megapixel_photo_still_decodes() -> None:
+    colour = Image.new("RGB", (4000, 3000), (90, 160, 30))
+    pixels, converted = decode_image(image_bytes(colour, "JPEG"), "phone.jpg")
+    assert converted and pixels.shape == (48, 48)
+    assert abs(pixels.mean() - colour.convert("L").getpixel((0, 0))) <= 2  # JPEG is lossy
+
+
+def test_predict_refuses_postscript_named_jpg(finalized: Path, tmp_path: Path) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(POSTSCRIPT)
+    model = finalized / "studies" / "fer2013" / "final" / "model.pt"
+    result = CliRunner().invoke(main, ["predict", "--model", str(model), str(image)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output == f"error: {image}: not a JPEG or PNG image (the only formats accepted)\n"
 
 
 @pytest.mark.parametrize(
@@ -253,5 +364,5 @@ def test_private_test_garbage_breaks_only_the_test_load(tiny_fer: Path, tmp_path
     for path in root.glob("test/*/PrivateTest_*.jpg"):
         path.write_bytes(b"\x00garbage")
     assert load_data(root, cache_dir).test is None
-    with pytest.raises(UserError, match=r"/test/\w+/PrivateTest_\d+\.jpg: not an image"):
+    with pytest.raises(UserError, match=r"/test/\w+/PrivateTest_\d+\.jpg: not a JPEG or PNG image"):
         load_data(root, cache_dir, with_test=True)
