@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, get_type_hints
@@ -14,6 +16,70 @@ PATTERNS = ("none", "head", "every", "alternate", "interlaced")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine")
 PRUNERS = ("percentile", "median", "hyperband", "none")
+
+# The model family's limits, by TrialParams field. They live here, not in model.py, because the
+# [space] check below needs them and status and dashboard load the config without importing torch;
+# model.check_params holds a model file's params to the same rules.
+MIN_WIDTH = 1 / 32  # the first block (32 channels at width 1) keeps one channel
+# Twice the space's widest (2.0): the largest model, at 4 convs a block, has 46 M parameters (88 MiB
+# in float16, 185 MB to build in float32); a crafted width could otherwise ask for terabytes.
+MAX_WIDTH = 4.0
+# Twice the space's deepest (2): 16 conv layers, VGG-19's depth, where plain conv stacks without
+# residual connections stop training well.
+MAX_CONVS_PER_BLOCK = 4
+MAX_LINEAR_DEPTH = 3  # the output layer after up to two hidden ones (model.HEAD_WIDTHS)
+# Four times the space's largest (512), and the batch validation uses: FER2013's 28,709 training
+# images make 14 steps an epoch, and the widest model of the space keeps about 10 MB of
+# activations an image (20 GB a batch); larger batches only run out of memory (on the CPU
+# through the OOM killer, with no message).
+MAX_BATCH_SIZE = 2048
+DROPOUT_RATES = ("dropout_high", "dropout_low", "dropout_head")
+
+# A rule: whether a value belongs to the family, and the rule as an error states it.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A number that is not a bool, inf or nan (huge ints compare exactly, so they need no float())."""
+    return _is_integer(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _one_of(choices: tuple[str, ...]) -> Rule:
+    return (lambda v: isinstance(v, str) and v in choices, f"must be one of {', '.join(choices)}")
+
+
+def _integer_in(low: int, high: int) -> Rule:
+    return (lambda v: _is_integer(v) and low <= v <= high, f"must be an integer in [{low}, {high}]")
+
+
+def _number_in(low: float, high: float) -> Rule:
+    return (lambda v: _is_finite_number(v) and low <= v <= high, f"must be a number in [{low:g}, {high:g}]")
+
+
+# Every TrialParams field, whose name is also its [space] key; model.check_params lets an unused
+# dropout rate be None.
+FAMILY_RULES: dict[str, Rule] = {
+    "dropout_pattern": _one_of(PATTERNS),
+    **dict.fromkeys(DROPOUT_RATES, (lambda v: _is_finite_number(v) and 0 <= v < 1, "must lie in [0, 1)")),
+    "lr": (lambda v: _is_finite_number(v) and v > 0, "must be a finite number > 0"),
+    "weight_decay": (lambda v: _is_finite_number(v) and v >= 0, "must be a finite number >= 0"),
+    "batch_size": _integer_in(1, MAX_BATCH_SIZE),
+    "linear_depth": _integer_in(1, MAX_LINEAR_DEPTH),
+    "optimizer": _one_of(OPTIMIZERS),
+    "scheduler": _one_of(SCHEDULERS),
+    "width": _number_in(MIN_WIDTH, MAX_WIDTH),
+    "convs_per_block": _integer_in(1, MAX_CONVS_PER_BLOCK),
+}
+
+
+def broken_family_rule(name: str, value: Any) -> str | None:
+    """The rule of TrialParams field `name` that `value` breaks, as an error states it; None if it keeps it."""
+    fits, rule = FAMILY_RULES[name]
+    return None if fits(value) else rule
 
 
 @dataclass(frozen=True)
@@ -227,6 +293,8 @@ def _parse_scalar(value: Any, hint: Any, base: Path, label: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{label}: expected a number")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML and click read inf and nan; no key means them
+            raise UserError(f"{label}: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -270,10 +338,41 @@ def _parse_space_value(key: str, value: Any, hint: Any, label: str) -> Any:
 AT_LEAST: dict[str, float] = {
     "run.trials": 1, "run.epochs": 1, "run.workers": 1, "run.heartbeat_interval": 1, "run.grace_period": 1,
     "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
+    "run.seed": 0, "data.split_seed": 0,
     "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
-    "pruner.reduction_factor": 2, "finalize.seeds": 1, "finalize.epochs": 0, "finalize.jobs": 1,
+    "pruner.reduction_factor": 2, "pruner.min_delta": 0, "finalize.seeds": 1, "finalize.epochs": 0, "finalize.jobs": 1,
 }
 # fmt: on
+
+# Every duration in seconds. time.sleep and thread waits (Optuna's heartbeat thread among them)
+# raise OverflowError past threading.TIMEOUT_MAX (292 years); a year is more than any wait needs.
+MAX_SECONDS = 365 * 24 * 3600
+# numpy refuses seeds outside 0 .. 2**32 - 1 (data.split_seed seeds its generator) and torch.manual_seed
+# those beyond 2**64 - 1 (`--seed 10**30`); run.seed keeps numpy's range too, one rule for both.
+MAX_SEED = 2**32 - 1
+# Each local worker is a spawned process (torch and the data set: about half a GB) with up to three
+# storage connections (storage.PG_POOL_SIZE + 1 overflow): 32 stay within PostgreSQL's default
+# max_connections (100), and already exceed the cores of most single machines.
+MAX_WORKERS = 32
+
+# Numeric keys and their greatest allowed value, where a greater one would break something.
+# fmt: off
+AT_MOST: dict[str, float] = {
+    "run.timeout": MAX_SECONDS, "run.heartbeat_interval": MAX_SECONDS, "run.grace_period": MAX_SECONDS,
+    "run.checkpoint_every_s": MAX_SECONDS, "run.ready_timeout_s": MAX_SECONDS, "run.wait_poll_s": MAX_SECONDS,
+    "run.seed": MAX_SEED, "data.split_seed": MAX_SEED, "run.workers": MAX_WORKERS,
+}
+# fmt: on
+
+# A study name names a folder (studies/<name>/final) and a row in Optuna's 512-character
+# study_name column, so it must be a safe file name on every system: no separators, '..' or control
+# characters, no leading '.' or '-' (hidden files, options), no space at either end, and short.
+# Spaces and any script's letters stay allowed: studies made before this rule must stay reachable.
+STUDY_NAME_LENGTH = 100
+STUDY_NAME_RULE = (
+    f"must be 1 to {STUDY_NAME_LENGTH} printable characters without '/', '\\' or '..', "
+    "not starting with '.' or '-', nor starting or ending with a space"
+)
 
 
 def _check_consistency(config: Config, origins: dict[str, str]) -> None:
@@ -285,28 +384,17 @@ def _check_consistency(config: Config, origins: dict[str, str]) -> None:
     def fail(key: str, problem: str) -> NoReturn:
         raise UserError(f"{where(key)}: {key} = {_show(_value(config, key))}: {problem}")
 
-    s = config.space
-    allowed = {"dropout_pattern": PATTERNS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "linear_depth": (1, 2, 3)}
-    for key, choices in allowed.items():
-        for v in getattr(s, key):
-            if v not in choices:
-                fail(f"space.{key}", f"{v!r} is not one of {', '.join(map(str, choices))}")
-    for key in ("batch_size", "convs_per_block"):
-        if any(v < 1 for v in getattr(s, key)):
-            fail(f"space.{key}", "values must be >= 1")
-    if any(v <= 0 for v in s.width):
-        fail("space.width", "values must be > 0")
-    for key in ("dropout_high", "dropout_low", "dropout_head"):
-        low, high = _bounds(getattr(s, key))
-        if low < 0 or high >= 1:
-            fail(f"space.{key}", "dropout must lie in [0, 1)")
-    for key in ("lr", "weight_decay"):
-        low, _ = _bounds(getattr(s, key))
-        if low < 0 or (key == "lr" and low == 0):
-            fail(f"space.{key}", f"must be {'> 0' if key == 'lr' else '>= 0'}")
+    for f in dataclasses.fields(SpaceConfig):
+        for v in _space_values(getattr(config.space, f.name)):
+            rule = broken_family_rule(f.name, v)
+            if rule is not None:
+                fail(f"space.{f.name}", f"{v!r} {rule}")
     for key, least in AT_LEAST.items():
         if _value(config, key) < least:
             fail(key, f"must be >= {least}")
+    for key, most in AT_MOST.items():
+        if _value(config, key) > most:
+            fail(key, f"must be <= {most}")
     r = config.run
     if r.wait_poll_s <= 0:  # time.sleep refuses a negative; 0 would spin on the database
         fail("run.wait_poll_s", "must be > 0")
@@ -323,8 +411,8 @@ def _check_consistency(config: Config, origins: dict[str, str]) -> None:
         fail("data.val_fraction", "must lie in (0, 1)")
     if not is_device_name(r.device):
         fail("run.device", "not auto, cpu, cuda or cuda:K")
-    if not config.study.name or "/" in config.study.name:
-        fail("study.name", "must be a non-empty name without '/'")
+    if not is_study_name(config.study.name):
+        fail("study.name", STUDY_NAME_RULE)
 
 
 def _value(config: Config, key: str) -> Any:
@@ -341,8 +429,22 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _bounds(p: FloatParam) -> tuple[float, float]:
-    return (p.low, p.high) if isinstance(p, FloatRange) else (p, p)
+def _space_values(spec: FloatParam | tuple[Any, ...]) -> tuple[Any, ...]:
+    """What the family's rules must hold for in a [space] entry: a range's ends, each choice, a fixed value."""
+    if isinstance(spec, FloatRange):
+        return (spec.low, spec.high)
+    return spec if isinstance(spec, tuple) else (spec,)
+
+
+def is_study_name(name: str) -> bool:
+    """Whether `name` keeps STUDY_NAME_RULE."""
+    return (
+        0 < len(name) <= STUDY_NAME_LENGTH
+        and name.isprintable()
+        and not any(bad in name for bad in ("/", "\\", ".."))
+        and not name.startswith((".", "-"))
+        and name == name.strip()
+    )
 
 
 def is_device_name(name: str) -> bool:

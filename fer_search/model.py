@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from fer_search.config import DROPOUT_RATES, broken_family_rule
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,19 @@ def used_dropouts(pattern: str) -> tuple[str, ...]:
     """The dropout rates a pattern uses, so that only those are suggested and recorded."""
     conv = tuple(dict.fromkeys(name for name in BLOCK_DROPOUTS[pattern] if name is not None))
     return conv + (() if pattern == "none" else ("dropout_head",))
+
+
+def check_params(params: TrialParams) -> None:
+    """Raises ValueError naming the first field outside the family (config.FAMILY_RULES) and its rule."""
+    # Called before build_model on params from a file, which could otherwise ask for gigabytes or fail
+    # deep inside torch; trials need no call, as config checks the space against the same rules.
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        rule = None if value is None and f.name in DROPOUT_RATES else broken_family_rule(f.name, value)
+        if rule is not None:
+            raise ValueError(f"{f.name} = {reprlib.repr(value)}: {rule}")
+    _conv_dropouts(params)  # a rate the pattern uses is not None
+    _head_dropout(params)
 
 
 BASE_CHANNELS = (32, 64, 128, 256)
@@ -159,8 +175,8 @@ def _conv_block(in_ch: int, out_ch: int, convs: int, dropout: float | None) -> n
 
 def _head(features: int, depth: int, dropout: float | None, num_classes: int) -> nn.Sequential:
     """Flatten, then depth-1 hidden Linear -> BN -> ReLU -> [Dropout] stages, then the output."""
-    if depth not in (1, 2, 3):
-        raise ValueError(f"linear_depth must be 1, 2 or 3, not {depth!r}")
+    if not 1 <= depth <= len(HEAD_WIDTHS) + 1:
+        raise ValueError(f"linear_depth must lie in [1, {len(HEAD_WIDTHS) + 1}], not {depth!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     if depth == 1 and dropout is not None:
         layers.append(Dropout(float(dropout)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from torch import nn
 from fer_search.augment import MEAN, STD
 from fer_search.errors import UserError
 from fer_search.files import write_file
-from fer_search.model import TrialParams, build_model
-from fer_search.sources import decode_image
+from fer_search.model import TrialParams, build_model, check_params
+from fer_search.sources import CLASSES, decode_image
 from fer_search.train import logits_for
 
 FORMAT = "fer-search-model/1"
@@ -105,16 +106,54 @@ def load_model(path: Path | str) -> LoadedModel:
 
 def _model_from_document(doc: dict[str, Any]) -> LoadedModel:
     """The model a model.pt document describes; raises KeyError, TypeError, ValueError or RuntimeError if damaged."""
-    norm = doc["normalization"]
-    if (norm["mean"], norm["std"]) != (MEAN, STD):
-        raise ValueError(f"normalisation {norm} differs from this version's ({MEAN}, {STD})")
-    classes = doc["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise TypeError("classes must be a non-empty list of names")
-    params = TrialParams.from_dict(doc["params"])
-    return LoadedModel(
-        model_from_state(params, doc["state_dict"], len(classes)), params, tuple(classes), doc.get("meta", {})
-    )
+    # Every value is checked before the model is built: a crafted file is refused, not built (width 1e6
+    # would ask for terabytes, 10**7 classes for gigabytes).
+    if doc["normalization"] != {"mean": MEAN, "std": STD}:
+        raise ValueError(f"normalization must be {{'mean': {MEAN}, 'std': {STD}}} (this version's)")
+    classes = _classes_of(doc["classes"])
+    params = _params_of(doc["params"])
+    state = _state_of(doc["state_dict"])
+    meta = doc.get("meta", {})
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, not {_kind(meta)}")
+    return LoadedModel(model_from_state(params, state, len(classes)), params, classes, meta)
+
+
+def _classes_of(raw: Any) -> tuple[str, ...]:
+    """FER2013's classes in label order, which the file must list exactly."""
+    # Exactly: the data loader's labels are indices into CLASSES, so any other list (even the same names
+    # reordered) would name every prediction wrongly; finalize writes no other.
+    if not (isinstance(raw, list) and len(raw) == len(CLASSES) and all(isinstance(c, str) for c in raw)):
+        raise ValueError(f"classes must be FER2013's {len(CLASSES)}, not {_kind(raw)}")
+    if tuple(raw) != CLASSES:
+        raise ValueError(f"classes must be FER2013's in label order ({', '.join(CLASSES)})")
+    return CLASSES
+
+
+def _params_of(raw: Any) -> TrialParams:
+    """The file's TrialParams, within the model family (check_params)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"params must be a dict of TrialParams fields, not {_kind(raw)}")
+    params = TrialParams.from_dict(raw)
+    check_params(params)
+    return params
+
+
+def _state_of(raw: Any) -> dict[str, torch.Tensor]:
+    """The file's state_dict, as load_state_dict can take it (its shapes are compared there)."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, not {_kind(raw)}")
+    for key, value in raw.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise TypeError(f"state_dict[{reprlib.repr(key)}] must be a tensor named by a string, not {_kind(value)}")
+    return raw
+
+
+def _kind(value: Any) -> str:
+    """What a value is, in a few words whatever its size: its type, and its length where it has one."""
+    if isinstance(value, (list, dict, str)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__
 
 
 def model_from_state(params: TrialParams, state: dict[str, torch.Tensor], num_classes: int) -> nn.Module:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from fer_search.model import BASELINE, Dropout, TrialParams, build_model, count_parameters
+from fer_search.config import MAX_CONVS_PER_BLOCK, MAX_LINEAR_DEPTH, MAX_WIDTH, MIN_WIDTH
+from fer_search.model import BASELINE, HEAD_WIDTHS, Dropout, TrialParams, build_model, check_params, count_parameters
 
 BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
 HIDDEN = "Linear BatchNorm1d ReLU"
@@ -204,3 +206,71 @@ def test_num_classes() -> None:
 def test_invalid_params_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         build_model(dataclasses.replace(BASELINE, **bad))
+
+
+# (field, a value outside the family): each is named by check_params with the rule it breaks.
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("width", 1e6),
+        ("width", MAX_WIDTH + 0.5),
+        ("width", MIN_WIDTH / 2),
+        ("width", "wide"),
+        ("width", math.nan),
+        ("width", math.inf),
+        ("width", True),
+        ("width", 10**400),
+        ("width", None),
+        ("convs_per_block", 10**6),
+        ("convs_per_block", MAX_CONVS_PER_BLOCK + 1),
+        ("convs_per_block", 0),
+        ("convs_per_block", 2.0),
+        ("linear_depth", 0),
+        ("linear_depth", MAX_LINEAR_DEPTH + 1),
+        ("batch_size", -1),
+        ("batch_size", 10**9),
+        ("dropout_high", 5.0),
+        ("dropout_high", -0.1),
+        ("dropout_head", math.nan),
+        ("dropout_low", "0.3"),
+        ("dropout_pattern", ["interlaced"]),
+        ("dropout_pattern", "sometimes"),
+        ("lr", math.inf),
+        ("lr", 0.0),
+        ("lr", "0.001"),
+        ("weight_decay", -1e-4),
+        ("optimizer", "sgd"),
+        ("scheduler", None),
+    ],
+)
+def test_check_params_names_the_field_outside_the_family(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{field} = .{{1,80}}: must "):
+        check_params(dataclasses.replace(BASELINE, **{field: value}))
+
+
+def test_check_params_names_a_rate_the_pattern_needs() -> None:
+    with pytest.raises(ValueError, match="^dropout_pattern 'every' needs dropout_high$"):
+        check_params(dataclasses.replace(params("every", 2), dropout_high=None))
+
+
+@pytest.mark.parametrize(("pattern", "depth"), sorted(SEQUENCES))
+def test_check_params_accepts_every_pattern_and_depth(pattern: str, depth: int) -> None:
+    check_params(params(pattern, depth))  # unused rates are None
+
+
+def test_the_head_has_the_depths_the_family_allows() -> None:
+    assert MAX_LINEAR_DEPTH == len(HEAD_WIDTHS) + 1
+
+
+@pytest.mark.parametrize(
+    "width, convs, parameters", [(MIN_WIDTH, 1, 53_687), (MAX_WIDTH, MAX_CONVS_PER_BLOCK, 46_212_743)]
+)
+def test_the_family_s_extremes_pass_the_check_and_build(width: float, convs: int, parameters: int) -> None:
+    """The narrowest keeps a channel in each block; the largest is the size config.py's comment gives."""
+    trial = params("interlaced", MAX_LINEAR_DEPTH, width=width, convs_per_block=convs)
+    check_params(trial)
+    model = build_model(trial).eval()
+    assert count_parameters(model) == parameters
+    assert min(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) >= 1
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 48, 48)).shape == (1, 7)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,10 +120,104 @@ def test_a_damaged_model_file_is_one_line_exit_2(tmp_path: Path, tiny_fer: Path,
         path.write_bytes(doc)
     else:
         torch.save(doc, path)
-    image = next(tiny_fer.glob("test/*/*.jpg"))
-    result = CliRunner().invoke(main, ["predict", "--model", str(path), str(image)])
-    assert result.exit_code == 2 and message in result.output and str(path) in result.output
-    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    line = predict_error(path, tiny_fer)
+    assert message in line and str(path) in line
+
+
+def predict_error(model: Path, tiny_fer: Path) -> str:
+    """The one line `fer-search predict --model MODEL image` prints, having checked that it exits 2 with it alone."""
+    result = CliRunner().invoke(main, ["predict", "--model", str(model), str(next(tiny_fer.glob("test/*/*.jpg")))])
+    assert result.exit_code == 2, result.exception or result.output
+    assert result.stdout == "" and "Traceback" not in result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+@pytest.fixture(scope="module")
+def baseline_state() -> dict[str, torch.Tensor]:
+    return build_model(BASELINE).state_dict()
+
+
+def crafted_model(path: Path, state: dict[str, torch.Tensor], changes: dict[str, object]) -> Path:
+    """The baseline's model.pt as finalize writes it, with `changes`: "key" replaces an entry, "params.x" a field."""
+    doc: dict[str, Any] = {
+        "format": "fer-search-model/1",
+        "state_dict": state,
+        "params": BASELINE.to_dict(),
+        "classes": list(CLASSES),
+        "normalization": {"mean": 0.5, "std": 0.5},
+        "meta": {},
+    }
+    for key, value in changes.items():
+        entry, _, field = key.partition(".")
+        doc[entry] = {**doc[entry], field: value} if field else value
+    torch.save(doc, path)
+    return path
+
+
+def refuse_to_build(*args: object, **kwargs: object) -> None:
+    raise AssertionError("built a model from a file that the checks should have refused")
+
+
+def test_the_crafted_baseline_itself_loads(tmp_path: Path, baseline_state: dict[str, torch.Tensor]) -> None:
+    """So that each refusal below is its change's."""
+    loaded = load_model(crafted_model(tmp_path / "model.pt", baseline_state, {}))
+    assert loaded.params == BASELINE and loaded.classes == CLASSES
+
+
+# (changes to a model file finalize would write, what the error names): each is refused in one
+# line, before anything is built, so that a crafted file cannot allocate gigabytes, hang or raise a
+# traceback. 10**5 classes stand for 10**7 (whose head would take gigabytes): unpickling 10**7
+# names alone takes torch.load 20 s, whereas the count is refused at once.
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"params.width": 1e6}, "width = 1000000.0: must be a number in [0.03125, 4]"),
+        ({"params.convs_per_block": 10**6}, "convs_per_block = 1000000: must be an integer in [1, 4]"),
+        ({"params.linear_depth": 0}, "linear_depth = 0: must be an integer in [1, 3]"),
+        ({"params.width": "wide"}, "width = 'wide': must be a number"),
+        ({"params.width": math.nan}, "width = nan: must be a number"),
+        ({"params.width": 10**400}, "width = 1000"),
+        ({"params.batch_size": True}, "batch_size = True: must be an integer"),
+        ({"params.dropout_high": 5.0}, "dropout_high = 5.0: must lie in [0, 1)"),
+        (
+            {"params.dropout_pattern": "every", "params.dropout_high": None},
+            "dropout_pattern 'every' needs dropout_high",
+        ),
+        ({"params.lr": -math.inf}, "lr = -inf: must be a finite number > 0"),
+        ({"params": [1, 2]}, "params must be a dict of TrialParams fields, not a list of length 2"),
+        ({"params": {}}, "dropout_pattern = None: must be one of"),
+        ({"classes": [str(i) for i in range(10**5)]}, "classes must be FER2013's 7, not a list of length 100000"),
+        ({"classes": list(reversed(CLASSES))}, "classes must be FER2013's in label order"),
+        ({"classes": "angry"}, "classes must be FER2013's 7, not a str of length 5"),
+        ({"state_dict": {0: torch.zeros(1)}}, "state_dict[0] must be a tensor named by a string"),
+        ({"state_dict": [torch.zeros(1)]}, "state_dict must be a dict of tensors, not a list of length 1"),
+        ({"normalization": torch.zeros(2)}, "normalization must be {'mean': 0.5, 'std': 0.5}"),
+        ({"meta": "x"}, "meta must be a dict, not a str of length 1"),
+    ],
+)
+def test_a_model_file_outside_the_family_is_refused_before_building(
+    tmp_path: Path,
+    tiny_fer: Path,
+    baseline_state: dict[str, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    changes: dict[str, object],
+    named: str,
+) -> None:
+    monkeypatch.setattr("fer_search.predict.build_model", refuse_to_build)
+    path = crafted_model(tmp_path / "model.pt", baseline_state, changes)
+    line = predict_error(path, tiny_fer)
+    assert line.startswith(f"error: {path}: ") and named in line
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(3), torch.zeros(1).expand(10**6, 10**6)])  # the second: 4 TB if copied
+def test_a_state_tensor_of_the_wrong_shape_is_named(
+    tmp_path: Path, tiny_fer: Path, baseline_state: dict[str, torch.Tensor], tensor: torch.Tensor
+) -> None:
+    path = crafted_model(tmp_path / "model.pt", {**baseline_state, "block1.0.weight": tensor}, {})
+    line = predict_error(path, tiny_fer)
+    assert line.startswith(f"error: {path}: ") and "block1.0.weight" in line
 
 
 def test_a_missing_model_file_says_finalize_writes_one(tmp_path: Path, tiny_fer: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 import pytest
 
-from fer_search.config import PATTERNS, FloatRange, SpaceConfig
+from fer_search.config import FAMILY_RULES, PATTERNS, FloatRange, SpaceConfig
 from fer_search.model import BASELINE, BLOCK_DROPOUTS, TrialParams, build_model, used_dropouts
 from fer_search.space import optuna_params, params_from_trial, suggest_params
 
@@ -68,6 +68,12 @@ def fixed_value(params: TrialParams, name: str) -> Any:
 )
 def test_used_dropouts_table(pattern: str, expected: tuple[str, ...]) -> None:
     assert used_dropouts(pattern) == expected
+
+
+def test_the_family_s_rules_cover_every_searched_field() -> None:
+    """config checks the space, and model.check_params a model file, field by field with these rules."""
+    fields = [f.name for f in dataclasses.fields(TrialParams)]
+    assert list(FAMILY_RULES) == fields == [f.name for f in dataclasses.fields(SpaceConfig)]
 
 
 def test_block_dropouts_cover_every_pattern_the_config_accepts() -> None:
