@@ -123,15 +123,17 @@ class Objective:
             try:
                 with self.store.open_reader(artifact_id) as f:
                     ckpt = Checkpoint.from_bytes(f.read())
-            except Exception as e:  # missing, truncated or foreign: an older one, or start over; never crash
+                resumes = ckpt.resumes(params, self.config.run.epochs, self.device)
+            except Exception as e:  # missing, truncated, foreign or misfit: an older one, or start over; never crash
                 log.warning(
-                    "trial %d: checkpoint %s unusable (%s); trying an older one",
+                    "trial %d: checkpoint %s unusable (%s: %s); trying an older one",
                     trial.number,
                     artifact_id,
                     type(e).__name__,
+                    first_line(e),
                 )
                 continue
-            if ckpt.resumes(params, self.config.run.epochs, self.device):
+            if resumes:
                 log.info("trial %d resumes from epoch %d", trial.number, len(ckpt.history))
                 return ckpt
         if inherited:
@@ -187,6 +189,9 @@ class _TrialState:
             raise optuna.TrialPruned(f"pruned at epoch {record.epoch}")
 
     def _save(self, ckpt: Checkpoint, epoch: int) -> None:
+        # A trial failed elsewhere has a retry that resumes from, then removes, the checkpoint the trial names:
+        # a file written now would outlive both, or change under the retry.
+        _check_still_running(self.trial)
         buffer = io.BytesIO(ckpt.to_bytes())
         if self.artifact_id is None:
             # A plain entry of the artifact store, not an uploaded artifact: it is the trial's
@@ -200,9 +205,16 @@ class _TrialState:
                 "trial %d: cannot write its checkpoint (%s); training on without one", self.trial.number, first_line(e)
             )
             return
-        if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
-            self.trial.set_user_attr("checkpoint", self.artifact_id)
-        self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
+        try:
+            if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
+                self.trial.set_user_attr("checkpoint", self.artifact_id)
+            self.trial.set_user_attr("checkpoint_epoch", epoch)  # set once the file holds that epoch
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed elsewhere since the check. A file the trial names now holds a later epoch of the same
+            # training, which its retry resumes from and removes; a file it does not name would never be removed.
+            if self.trial.user_attrs.get("checkpoint") != self.artifact_id:
+                self._remove([self.artifact_id])
+            raise
         self.last_checkpoint = time.monotonic()
         self._remove(self.inherited)  # older than this trial's own, which a requeue or retry now finds
         self.inherited = []
@@ -229,6 +241,14 @@ class _TrialState:
         self.trial.set_user_attr("seconds", round(seconds, 3))
         if rates:
             self.trial.set_user_attr("images_per_s", round(sum(rates) / len(rates), 1))
+
+
+def _check_still_running(trial: optuna.Trial) -> None:
+    """Raises UpdateFinishedTrialError, as an update would, where another worker has failed `trial` (as stale)."""
+    # Optuna has no public read of a live Trial's state. Its storage's get_trial reads this one trial (never from
+    # the cache while it runs), where study.get_trials would read every unfinished trial of the study.
+    storage = trial.storage
+    storage.check_trial_is_updatable(trial._trial_id, storage.get_trial(trial._trial_id).state)
 
 
 def is_out_of_memory(error: RuntimeError) -> bool:

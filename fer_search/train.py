@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import io
 import math
 import os
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,9 @@ class EpochRecord:
     images_per_s: float
 
 
+_RECORD_TYPES: dict[str, type] = typing.get_type_hints(EpochRecord)
+
+
 @dataclass
 class TrainResult:
     history: list[EpochRecord]
@@ -82,8 +87,11 @@ class Checkpoint:
     best_state: dict[str, torch.Tensor]
 
     def resumes(self, params: TrialParams, epochs: int, device: torch.device) -> bool:
-        """Whether this checkpoint continues a training of `params` for `epochs` on `device`."""
-        return self.params == params and self.epochs == epochs and self.device_type == device.type
+        """Whether this checkpoint continues a training of `params` for `epochs` on `device`; raises on a misfit."""
+        if (self.params, self.epochs, self.device_type) != (params, epochs, device.type):
+            return False
+        _rehearse_resume(self, device)
+        return True
 
     def to_bytes(self) -> bytes:
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("params", "history")}
@@ -96,23 +104,77 @@ class Checkpoint:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Checkpoint:
-        """Raises (torch's errors, KeyError, TypeError) on a damaged or foreign file."""
-        doc = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        """Raises torch's errors on a damaged file, ValueError naming the key on a foreign one (missing or mistyped)."""
+        doc = of_type(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), dict, "checkpoint")
         return cls(
-            params=TrialParams.from_dict(doc["trial_params"]),
-            epochs=doc["epochs"],
-            device_type=doc["device_type"],
-            model=doc["model"],
-            optimizer=doc["optimizer"],
-            scheduler=doc["scheduler"],
-            generator=doc["generator"],
-            rng=doc["rng"],
-            cuda_rng=doc.get("cuda_rng"),
-            history=tuple(EpochRecord(**r) for r in doc["history"]),
-            best_epoch=doc["best_epoch"],
-            best_val_acc=doc["best_val_acc"],
-            best_state=doc["best_state"],
+            params=TrialParams.from_dict(field_of(doc, "trial_params", dict)),
+            epochs=field_of(doc, "epochs", int),
+            device_type=field_of(doc, "device_type", str),
+            model=_state_dict_of(doc, "model"),
+            optimizer=field_of(doc, "optimizer", dict),
+            scheduler=field_of(doc, "scheduler", dict),
+            generator=field_of(doc, "generator", torch.Tensor),
+            rng=field_of(doc, "rng", torch.Tensor),
+            cuda_rng=field_of(doc, "cuda_rng", torch.Tensor) if "cuda_rng" in doc else None,
+            history=tuple(_record_of(r) for r in field_of(doc, "history", list)),
+            best_epoch=field_of(doc, "best_epoch", int),
+            best_val_acc=field_of(doc, "best_val_acc", float),
+            best_state=_state_dict_of(doc, "best_state"),
         )
+
+
+def field_of(doc: dict[str, Any], key: str, kind: type, where: str = "checkpoint") -> Any:
+    """doc[key] where it is a `kind`; else ValueError naming the key."""
+    if key not in doc:
+        raise ValueError(f"{where} has no {key!r}")
+    return of_type(doc[key], kind, f"{where}'s {key!r}")
+
+
+def of_type(value: Any, kind: type, what: str) -> Any:
+    """`value` where it is a `kind`; else ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, kind):  # no field is a bool, and True is an int to Python
+        raise ValueError(f"{what}: {kind.__name__} expected, not {type(value).__name__}")
+    return value
+
+
+def _state_dict_of(doc: dict[str, Any], key: str) -> dict[str, torch.Tensor]:
+    """doc[key] where it maps names to tensors; else ValueError naming the key."""
+    state: dict[str, Any] = field_of(doc, key, dict)
+    if not all(isinstance(name, str) and isinstance(t, torch.Tensor) for name, t in state.items()):
+        raise ValueError(f"checkpoint's {key!r} holds other than named tensors")
+    return state
+
+
+def _record_of(raw: Any) -> EpochRecord:
+    """One epoch of a checkpoint's history, every field there and of its type; else ValueError naming the field."""
+    where = "checkpoint's history record"
+    record = of_type(raw, dict, where)
+    return EpochRecord(**{name: field_of(record, name, kind, where) for name, kind in _RECORD_TYPES.items()})
+
+
+def _rehearse_resume(ckpt: Checkpoint, device: torch.device) -> None:
+    """Raises what train_model would on resuming from `ckpt`, by resuming throwaway copies of what it builds."""
+    epochs = [r.epoch for r in ckpt.history]
+    if not epochs or epochs != list(range(1, len(epochs) + 1)) or not 1 <= ckpt.best_epoch <= len(epochs):
+        raise ValueError(f"checkpoint's history (epochs {epochs}) and best_epoch {ckpt.best_epoch} are no training's")
+    with torch.random.fork_rng(devices=[]):  # the initial weights draw from torch's global generator
+        model = build_model(ckpt.params)
+    optimizer = _make_optimizer(model, ckpt.params, cuda=False)
+    scheduler = _make_scheduler(optimizer, ckpt.params, ckpt.epochs)
+    # Copies: an optimizer loads tensors already on the right device and dtype as they are, and the step
+    # below would then change, in place, the state the real resume loads next.
+    ckpt = dataclasses.replace(ckpt, optimizer=copy.deepcopy(ckpt.optimizer), scheduler=copy.deepcopy(ckpt.scheduler))
+    _restore(ckpt, model, optimizer, scheduler, torch.Generator(device=device))
+    # The next epoch's first steps too: load_state_dict takes an optimizer's or a scheduler's state unchecked, and
+    # a misfit would otherwise surface mid-epoch and crash the worker.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    _step_scheduler(scheduler, ckpt.history[-1].val_loss)
+    model.load_state_dict(ckpt.best_state)
+    torch.Generator().set_state(ckpt.rng)  # what torch.set_rng_state checks, on a generator of its own
+    if device.type == "cuda" and ckpt.cuda_rng is not None:
+        torch.Generator(device=device).set_state(ckpt.cuda_rng)
 
 
 # Called after every epoch with the epoch's record and a function that returns a checkpoint of
@@ -174,10 +236,7 @@ def train_model(
     history: list[EpochRecord] = []
     best_epoch, best_acc, best_state = 0, -1.0, {}
     if resume is not None:
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        generator.set_state(resume.generator)
+        _restore(resume, model, optimizer, scheduler, generator)
         torch.set_rng_state(resume.rng)
         if cuda and resume.cuda_rng is not None:
             torch.cuda.set_rng_state(resume.cuda_rng, device)
@@ -192,10 +251,7 @@ def train_model(
             raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
         val_loss, val_acc = evaluate(model, x_val, y_val, autocast=cuda)
         lr = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        else:
-            scheduler.step()
+        _step_scheduler(scheduler, val_loss)
         record = EpochRecord(
             epoch,
             train_loss,
@@ -260,6 +316,24 @@ def _checkpoint(
         best_val_acc=best_acc,
         best_state=best_state,
     )
+
+
+def _restore(
+    ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator
+) -> None:
+    """Load `ckpt`'s weights, optimizer, scheduler and generator states into these (the weights strictly)."""
+    model.load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    generator.set_state(ckpt.generator)
+
+
+def _step_scheduler(scheduler: Any, val_loss: float) -> None:
+    """The end of an epoch's scheduler step: ReduceLROnPlateau watches the validation loss, the others count epochs."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    else:
+        scheduler.step()
 
 
 def _make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,46 @@ CHECKPOINT_KEYS = {
     "best_val_acc",
     "best_state",
 }
+
+
+def first_weight(doc: dict[str, Any]) -> str:
+    return next(iter(doc["model"]))
+
+
+def other_params_weights(doc: dict[str, Any]) -> None:
+    """The weights of another width under the same trial_params, as a file of another trial's could hold."""
+    params = TrialParams.from_dict(doc["trial_params"])
+    weights = build_model(dataclasses.replace(params, width=params.width / 2)).state_dict()
+    doc.update(model=weights, best_state=weights)
+
+
+# Checkpoints that load but that train_model could not resume from: each crashed a resuming worker.
+MISFITS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "a weight of another shape": lambda doc: doc["model"].update({first_weight(doc): torch.zeros(3)}),
+    "a weight missing": lambda doc: doc["model"].pop(first_weight(doc)),
+    "another params' weights": other_params_weights,
+    "optimizer state of another shape": lambda doc: doc["optimizer"]["state"][0].update(exp_avg=torch.zeros(5)),
+    "scheduler state of another type": lambda doc: doc["scheduler"].update(last_epoch="1"),
+    "generator state of another type": lambda doc: doc.update(generator=doc["generator"].tolist()),
+    "torch's generator state cut short": lambda doc: doc.update(rng=doc["rng"][:10]),
+    "best accuracy of another type": lambda doc: doc.update(best_val_acc="0.5"),
+}
+# ... and those that loaded, and that it resumed from with a wrong result or a crash at the end.
+QUIET_MISFITS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "best weights missing": lambda doc: doc["best_state"].pop(first_weight(doc)),
+    "a history record of another type": lambda doc: doc["history"][0].update(val_acc="0.5"),
+    "a history without its first epoch": lambda doc: doc["history"][0].update(epoch=2),
+    "epochs of another type": lambda doc: doc.update(epochs=3.0),
+}
+
+
+def tampered(saved: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """The checkpoint `saved`, changed by `change` and written again."""
+    doc = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)
+    change(doc)
+    buffer = io.BytesIO()
+    torch.save(doc, buffer)
+    return buffer.getvalue()
 
 
 class Stop(Exception):
@@ -249,7 +289,9 @@ def test_checkpoint_survives_weights_only_round_trip(recorded: Recorded) -> None
     ckpt = Checkpoint.from_bytes(recorded.saved)
     assert ckpt.params == recorded.params and ckpt.epochs == 3
     assert ckpt.device_type == "cpu"  # so that a resume on another device type can refuse it
+    rng = torch.get_rng_state()
     assert ckpt.resumes(recorded.params, 3, CPU) and not ckpt.resumes(recorded.params, 4, CPU)
+    assert torch.equal(torch.get_rng_state(), rng)  # checking it left torch's generator where training left it
     assert not ckpt.resumes(recorded.params, 3, torch.device("cuda"))
     assert ckpt.cuda_rng is None
     assert ckpt.history == (recorded.records[0],)
@@ -265,13 +307,45 @@ def test_a_damaged_checkpoint_raises(recorded: Recorded) -> None:
         Checkpoint.from_bytes(recorded.saved[: len(recorded.saved) // 2])
 
 
+@pytest.fixture(scope="module")
+def saved(data: FerData) -> bytes:
+    """A checkpoint after the first of two epochs (no dropout, 64 images)."""
+    return train_recording(subset(data, 64), NO_DROPOUT, epochs=2, save_at=1).saved
+
+
+@pytest.mark.parametrize("change", [*MISFITS.values(), *QUIET_MISFITS.values()], ids=[*MISFITS, *QUIET_MISFITS])
+def test_a_checkpoint_that_does_not_fit_its_training_raises(saved: bytes, change: Any) -> None:
+    with pytest.raises((ValueError, RuntimeError, TypeError)):
+        Checkpoint.from_bytes(tampered(saved, change)).resumes(NO_DROPOUT, 2, CPU)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda doc: doc.pop("rng"), "checkpoint has no 'rng'"),
+        (lambda doc: doc.update(epochs="2"), "checkpoint's 'epochs': int expected, not str"),
+        (lambda doc: doc.update(best_epoch=True), "checkpoint's 'best_epoch': int expected, not bool"),
+        (lambda doc: doc.update(model=[1, 2]), "checkpoint's 'model': dict expected, not list"),
+        (lambda doc: doc["best_state"].update(extra=[1.0]), "checkpoint's 'best_state' holds other than named tensors"),
+        (lambda doc: doc["history"][0].pop("lr"), "checkpoint's history record has no 'lr'"),
+        (lambda doc: doc.update(history=[[1]]), "checkpoint's history record: dict expected, not list"),
+    ],
+)
+def test_a_checkpoint_of_another_layout_names_its_key(saved: bytes, change: Any, says: str) -> None:
+    with pytest.raises(ValueError) as info:
+        Checkpoint.from_bytes(tampered(saved, change))
+    assert str(info.value) == says
+
+
 def test_resuming_from_a_checkpoint_equals_an_uninterrupted_run(data: FerData, recorded: Recorded) -> None:
     records: list[EpochRecord] = []
+    checkpoint = Checkpoint.from_bytes(recorded.saved)
+    assert checkpoint.resumes(recorded.params, 3, CPU)  # the search's check first: it must leave the state as it is
     resumed = train(
         data,
         recorded.params,
         epochs=3,
-        resume=Checkpoint.from_bytes(recorded.saved),
+        resume=checkpoint,
         on_epoch=lambda record, _checkpoint: records.append(record),
     )
     assert [r.epoch for r in records] == [2, 3]
