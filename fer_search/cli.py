@@ -11,23 +11,31 @@ from typing import Any
 
 import click
 
-from fer_search.errors import UserError, configure_logging, logging_to
-
-INTERRUPTED = 130
+from fer_search.errors import Crashed, UserError, configure_logging, logging_to
+from fer_search.processes import Terminated, exit_code, sigterm_interrupts
 
 
 class _Cli(click.Group):
-    """Turns a user's mistake into one line and exit 2, and Ctrl-C into exit 130, everywhere."""
+    """Turns a user's mistake into one line and exit 2, a crash told above into one line and exit 1, and
+    Ctrl-C or SIGTERM into exit 130 or 143, everywhere."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_interrupts():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            ctx.exit(INTERRUPTED)
+        except Crashed as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{_interrupted(e)}", err=True)
+            ctx.exit(exit_code(e))
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> str:
+    return "terminated" if isinstance(interrupt, Terminated) else "interrupted"
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,13 +109,13 @@ def run(
     try:
         with logging_to(live):
             outcome = run_search(cfg, live, command_line(click.get_current_context()))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         click.echo(
-            "\ninterrupted: the study is saved; the interrupted trial is queued again and resumes from its "
+            f"\n{_interrupted(e)}: the study is saved; the interrupted trial is queued again and resumes from its "
             f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
             err=True,
         )
-        sys.exit(INTERRUPTED)
+        sys.exit(exit_code(e))
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
     _print_status(outcome.status)

@@ -14,6 +14,10 @@ class UserError(Exception):
     """Bad input, configuration or state that the user can fix; the message says what to fix."""
 
 
+class Crashed(Exception):
+    """A failure whose traceback is already on stderr (a child process's): the CLI tells it in one line, exit 1."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type when it has none): errors are told in one line."""
     text = str(error).strip()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
+import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -13,10 +16,27 @@ from typing import Any, BinaryIO
 from fer_search.errors import UserError
 
 
+def _process_namespace() -> str:
+    """This host's name and its process-id namespace (containers of one host may share a name and a volume)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (macOS): one namespace per host
+        namespace = "0"
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"{socket.gethostname()}_{namespace}")
+
+
+# A temporary file names its writer (the process-id namespace, and the process in it), so that the
+# temporaries of writers killed mid-write can be told from those of live ones, here or on another
+# machine or container sharing the folder.
+_HOST = _process_namespace()
+_TEMPORARY = re.compile(r"\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp")
+FOREIGN_TEMPORARY_AGE_S = 24 * 3600  # no write takes a day: another host's temporary this old is dead
+
+
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Writes through a temporary name and renames, so that no reader (another worker, a user, a
     process killed mid-write) ever sees half a file. Raises OSError."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(temp, "wb") as file:
             write(file)
@@ -36,14 +56,46 @@ def write_file(path: Path, content: bytes) -> None:
 
 
 def made_folder(path: Path, what: str) -> Path:
-    """`path`, created if need be; UserError naming it when it cannot be created or written to."""
+    """`path`, created if need be and cleared of dead writers' temporaries; UserError naming it when it
+    cannot be created or written to."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"{path}: cannot create the {what} folder ({error.strerror or type(error).__name__})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot write to the {what} folder (permission denied)")
+    remove_dead_temporaries(path)
     return path
+
+
+def remove_dead_temporaries(folder: Path) -> None:
+    """Removes the temporary files that writers killed mid-write (kill -9, a lost machine) left in `folder`.
+
+    Why by hand: a killed process runs no clean-up, so its leftovers are found afterwards, by whoever
+    next writes there. A temporary of this host whose process is gone is dead; another host's, once old.
+    """
+    now = time.time()
+    for entry in folder.glob(".*.tmp"):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None:
+            continue  # not one of ours
+        try:
+            old = now - entry.stat().st_mtime > FOREIGN_TEMPORARY_AGE_S
+            if old or (match["host"] == _HOST and not _running(int(match["pid"]))):
+                entry.unlink()
+        except OSError:
+            continue  # gone meanwhile (its writer renamed it, or another process removed it)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def sha256_json(value: Any) -> str:

@@ -9,19 +9,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import torch
 
 from fer_search.config import Config
 from fer_search.data import CLASSES, FerData, SplitData, load_configured
-from fer_search.errors import UserError
+from fer_search.errors import Crashed, UserError, first_line
 from fer_search.files import made_folder, sha256_json, write_file
 from fer_search.metrics import classification_report
 from fer_search.model import BASELINE, TrialParams
 from fer_search.predict import compact_state, model_from_state, probabilities, save_model
-from fer_search.processes import INTERRUPTED, USER_ERROR, ChildError, run_child, spawn_context, stop_processes
+from fer_search.processes import (
+    USER_ERROR,
+    ChildError,
+    ended_interrupted,
+    how_it_ended,
+    run_child,
+    spawn_context,
+    stop_on_interrupt,
+    stop_processes,
+)
 from fer_search.report import write_reports
 from fer_search.results import (
     REPORTED_BASELINE,
@@ -38,14 +47,16 @@ from fer_search.space import params_from_trial
 from fer_search.storage import load_existing_study
 from fer_search.study import provenance
 from fer_search.tables import summary_text
-from fer_search.train import TrainSettings, configure_cpu_threads, resolve_device, train_model
+from fer_search.train import TrainSettings, configure_cpu_threads, field_of, of_type, resolve_device, train_model
 
 # The resume files' weights, part of their key: files from before model.pt stored float16 weights
 # hold float32 ones, whose test metrics are not those of the weights finalize would ship.
 STORED_WEIGHTS = "compact_state"
+RESUME_FILE = "resume file"  # how a resume file's errors name it
 
 Say = Callable[[str], None]
 RunAndState = tuple[SeedRun, dict[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ def retrain(
 
     def finished(job: SeedJob) -> tuple[Path, RunAndState | None]:
         path, key = run_file(runs_dir, job, epochs, data.fingerprints)
-        return path, _load_run(path, key)
+        return path, _load_doc(path, key, job, say, _finished_run)
 
     found: dict[SeedJob, RunAndState] = {}
     for job in jobs:
@@ -193,7 +204,7 @@ def retrain(
         for job in todo:  # each process left its run in its resume file
             path, cached = finished(job)
             if cached is None:
-                raise RuntimeError(f"{job.label}: its process ended without writing {path}")
+                raise Crashed(f"{job.label}: its process ended without writing {path}")
             found[job] = cached
     return [found[job] for job in jobs]
 
@@ -209,7 +220,7 @@ def seed_run(job: SeedJob, epochs: int, data: FerData, device: torch.device, run
     """Train one seed, evaluate on the test splits the weights model.pt would store, keep both in the resume file."""
     path, key = run_file(runs_dir, job, epochs, data.fingerprints)
     trained_path = path.with_suffix(".trained.pt")
-    trained = _load_doc(trained_path, key)
+    trained = _load_doc(trained_path, key, job, say, _trained_fields)
     if trained is None:
         trained = _trained_seed(job, epochs, data, device, say)
         # Kept before the evaluation: the float32 CPU pass over the test splits can take as long as a
@@ -270,20 +281,45 @@ def _save_doc(path: Path, doc: dict[str, Any]) -> None:
     write_file(path, buffer.getvalue())
 
 
-def _load_run(path: Path, key: dict[str, Any]) -> RunAndState | None:
-    doc = _load_doc(path, key)
-    return None if doc is None else (SeedRun.from_json(doc["run"]), doc["state"])
-
-
-def _load_doc(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """A resume file's document, where it exists, is readable and was written for `key`."""
+def _load_doc(
+    path: Path, key: dict[str, Any], job: SeedJob, say: Say, read: Callable[[dict[str, Any], SeedJob], T]
+) -> T | None:
+    """What `read` takes from `job`'s resume file; None where there is none or it is unusable (said), to retrain it."""
     if not path.is_file():
         return None
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file is retrained, never fatal
+        doc = of_type(torch.load(path, map_location="cpu", weights_only=True), dict, RESUME_FILE)
+        if doc.get("key") != key:
+            raise ValueError("written for another run")
+        return read(doc, job)
+    except Exception as e:  # damaged, foreign or misfit: retrained, never fatal
+        say(f"{job.label}: cannot reuse {path} ({type(e).__name__}: {first_line(e)}); training it again")
         return None
-    return doc if isinstance(doc, dict) and doc.get("key") == key else None
+
+
+def _finished_run(doc: dict[str, Any], job: SeedJob) -> RunAndState:
+    """The run and weights of a finished resume file; raises where they are not `job`'s."""
+    run = SeedRun.from_json(field_of(doc, "run", str, RESUME_FILE))
+    if (run.kind, run.seed) != (job.kind, job.seed):
+        raise ValueError(f"it holds the run of {run.kind} seed {run.seed}")
+    return run, _fitting_state(doc, job)
+
+
+def _trained_fields(doc: dict[str, Any], job: SeedJob) -> dict[str, Any]:
+    """A trained, not yet evaluated, resume file's fields as _evaluated_run takes them; raises where they do not fit."""
+    field_of(doc, "best_epoch", int, RESUME_FILE)
+    field_of(doc, "val_acc", float, RESUME_FILE)
+    if not isinstance(json.loads(field_of(doc, "history", str, RESUME_FILE)), list):
+        raise ValueError("its history is no list of epochs")
+    _fitting_state(doc, job)
+    return doc
+
+
+def _fitting_state(doc: dict[str, Any], job: SeedJob) -> dict[str, torch.Tensor]:
+    """A resume file's weights, where they load into `job`'s model as the evaluation and model.pt load them."""
+    state: dict[str, torch.Tensor] = field_of(doc, "state", dict, RESUME_FILE)
+    model_from_state(job.params, state, len(CLASSES))
+    return state
 
 
 # --- finalize.jobs > 1: seed runs in processes of their own ---------------------------------
@@ -293,8 +329,8 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
     """Train `jobs` in config.finalize.jobs processes at once, sharing the device; each writes its resume file.
 
     Their progress lines come to `say`. A user error in one becomes a UserError here, a crash a
-    RuntimeError, after the others are stopped; Ctrl-C stops them all, and finished seeds stay in
-    their resume files.
+    Crashed, after the others are stopped; Ctrl-C or SIGTERM stops them all, and finished seeds stay
+    in their resume files.
     """
     ctx = spawn_context()
     queue = ctx.SimpleQueue()
@@ -311,20 +347,21 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
             _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
             for job in ended:
                 code = running.pop(job).exitcode
-                if code == INTERRUPTED:
-                    raise KeyboardInterrupt
+                interrupted = ended_interrupted([code])
+                if interrupted is not None:
+                    raise interrupted
                 if code == USER_ERROR:
                     raise UserError(f"{job.label}: {failures.get(job.label, 'failed')}")
                 if code != 0:
-                    reason = failures.get(job.label, f"its process ended with exit code {code}")
-                    raise RuntimeError(f"{job.label}: {reason} (its traceback is above)")
+                    reason = failures.get(job.label)
+                    told = f"{reason} (its traceback is above)" if reason else f"its process {how_it_ended(code)}"
+                    raise Crashed(f"{job.label}: {told}")
             time.sleep(0.1)
-    except KeyboardInterrupt:
-        # From a terminal every process got the Ctrl-C; give them a moment to end before telling those that did not.
-        _stop(list(running.values()), queue, say, grace_s=2.0)
+    except KeyboardInterrupt as e:
+        stop_on_interrupt(list(running.values()), lambda: _drain(queue, say, {}), e)
         raise
     except BaseException:
-        _stop(list(running.values()), queue, say, grace_s=0.0)
+        stop_processes(list(running.values()), lambda: _drain(queue, say, {}), grace_s=0.0)
         raise
 
 
@@ -337,13 +374,8 @@ def _drain(queue: Any, say: Say, failures: dict[str, str]) -> None:
             say(message)
 
 
-def _stop(procs: list[Any], queue: Any, say: Say, grace_s: float) -> None:
-    """Ctrl-C to the processes still running after `grace_s` seconds (their last lines still told), then wait."""
-    stop_processes(procs, lambda: _drain(queue, say, {}), grace_s)
-
-
 def _seed_process(config: Config, job: SeedJob, epochs: int, runs_dir: Path, queue: Any) -> None:
-    """Entry point of one seed run's process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+    """Entry point of one seed run's process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
 
     def work() -> None:
         configure_cpu_threads(config.finalize.jobs)  # the cores are shared among the processes

@@ -1,20 +1,73 @@
-"""Child processes of one command (search's local workers, finalize's seed runs): how they end and are stopped."""
+"""How a command's processes end: signals, and the child processes of one command (search's local workers,
+finalize's seed runs), how they report, are stopped, and stop themselves when their parent is gone."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from multiprocessing.connection import wait
+from types import FrameType
+from typing import Any, NoReturn
 
 from fer_search.errors import UserError, configure_logging, first_line
 
 USER_ERROR = 2  # exit codes as the CLI's
-INTERRUPTED = 130
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+TERMINATED = 143  # 128 + SIGTERM
+log = logging.getLogger("fer_search")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, systemd, Kubernetes and docker stop send), raised as Ctrl-C's KeyboardInterrupt
+    is, so that every `except KeyboardInterrupt` saves the work in hand the same way; the exit code differs."""
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The exit code of a process an interrupt ended: 143 after SIGTERM, 130 after Ctrl-C."""
+    return TERMINATED if isinstance(interrupt, Terminated) else INTERRUPTED
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> NoReturn:
+    # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
+    # or forwarded by a parent) must not cut short the saving the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises Terminated in the main thread (Python's default would end the process
+    at once, losing the running trial's requeue); the former handler comes back on leaving."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    former = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, former)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """While inside, Ctrl-C and SIGTERM are ignored: for the few writes that save interrupted work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    former = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in former.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -32,22 +85,48 @@ def spawn_context() -> Any:
 
 
 def run_child(label: str, queue: Any, work: Callable[[], None]) -> None:
-    """Run a child's `work`; its user error or crash goes to the parent's queue, and its exit code says which."""
+    """Run a child's `work`; its user error or crash goes to the parent's queue, and its exit code says which.
+
+    SIGTERM and the parent's death (by any signal, SIGKILL included) stop it as Ctrl-C does.
+    """
     configure_logging()
     try:
-        work()
+        with sigterm_interrupts():
+            _terminate_when_parent_dies(label)
+            work()
     except UserError as e:
         queue.put(ChildError(label, str(e), user_error=True))
         sys.exit(USER_ERROR)
-    except KeyboardInterrupt:
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as e:
+        sys.exit(exit_code(e))
     except Exception as e:
         queue.put(ChildError(label, f"{type(e).__name__}: {first_line(e)}", user_error=False))
         raise  # its traceback on stderr, exit 1
 
 
-def stop_processes(procs: list[Any], drain: Callable[[], None], grace_s: float) -> None:
-    """SIGINT (a Ctrl-C) to the processes still running after `grace_s` seconds, then wait for all to end.
+def _terminate_when_parent_dies(label: str) -> None:
+    """A watcher thread that sends this process SIGTERM once its parent has ended.
+
+    Why by hand: a child whose parent was killed is re-parented and would go on taking trials that
+    nobody watches. multiprocessing gives the child a pipe from its parent (the parent's sentinel),
+    which the kernel closes when the parent ends however it ends; Linux's PR_SET_PDEATHSIG would
+    need ctypes and is not portable.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)  # first: the log line below may block on a pipe nobody reads now
+        log.warning("%s: its parent process is gone; stopping as for SIGTERM", label)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def stop_processes(procs: list[Any], drain: Callable[[], None], grace_s: float, sig: int = signal.SIGINT) -> None:
+    """`sig` (Ctrl-C's SIGINT, or SIGTERM) to the processes still running after `grace_s` seconds, then wait
+    for all to end.
 
     `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end.
     """
@@ -58,8 +137,37 @@ def stop_processes(procs: list[Any], drain: Callable[[], None], grace_s: float) 
         if not signalled and time.monotonic() >= deadline:
             for p in procs:
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGINT)
+                    os.kill(p.pid, sig)
             signalled = True
         time.sleep(0.05)
     for p in procs:
         p.join()
+
+
+def stop_on_interrupt(procs: list[Any], drain: Callable[[], None], interrupt: KeyboardInterrupt) -> None:
+    """Pass the interrupt that stopped this parent on to its children, then wait for all to end.
+
+    SIGTERM at once (a child that got it too ignores a second); Ctrl-C's SIGINT to those still running
+    after 2 s: from a terminal every child got the Ctrl-C too, and a second one would cut its requeue short.
+    """
+    if isinstance(interrupt, Terminated):
+        stop_processes(procs, drain, 0.0, signal.SIGTERM)
+    else:
+        stop_processes(procs, drain, 2.0, signal.SIGINT)
+
+
+def how_it_ended(code: int | None) -> str:
+    """A child's exit code told for a parent's error line: a crash left its traceback, a signal did not."""
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        return f"was killed by {name}"
+    return f"crashed with exit code {code} (its traceback is above)"
+
+
+def ended_interrupted(codes: list[int | None]) -> KeyboardInterrupt | None:
+    """The interrupt to raise in a parent whose children ended with these exit codes, if one was interrupted."""
+    if TERMINATED in codes:
+        return Terminated()
+    if INTERRUPTED in codes:
+        return KeyboardInterrupt()
+    return None

@@ -15,11 +15,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config
 from fer_search.data import load_configured
-from fer_search.errors import UserError, logging_to
+from fer_search.errors import Crashed, UserError, first_line, logging_to
 from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory, Progress, ProgressFn
-from fer_search.processes import INTERRUPTED, ChildError, run_child, spawn_context, stop_processes
-from fer_search.status import best_value, count_finished_running, study_status
-from fer_search.storage import Heartbeat, opened_storage
+from fer_search.processes import (
+    ChildError,
+    ended_interrupted,
+    how_it_ended,
+    run_child,
+    signals_held,
+    spawn_context,
+    stop_on_interrupt,
+    stop_processes,
+)
+from fer_search.status import best_value, count_trials, study_status
+from fer_search.storage import Heartbeat, disk_full_error, opened_storage
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
 from fer_search.train import configure_cpu_threads, resolve_device
 
@@ -85,16 +94,18 @@ def _take_trials(
             fail_stale_trials(study)
             orphans.fail_and_retry(study)
             retry_pending = retries.pending(study)
-            finished, running = count_finished_running(study)
-            if finished >= run.trials:
+            counts = count_trials(study)
+            # A queued trial (a retry, a Ctrl-C's requeue) runs even once the study holds enough: it is a
+            # trial somebody started, and a study must never end with one left waiting.
+            if counts.finished >= run.trials and not counts.waiting and not retry_pending:
                 return RunOutcome(timed_out=False, status=study_status(study))
             if deadline is not None and time.monotonic() >= deadline:
                 return RunOutcome(timed_out=True, status=study_status(study))
-            if finished + running >= run.trials or retry_pending:
+            if not counts.waiting and (counts.finished + counts.running >= run.trials or retry_pending):
                 time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
                 continue
             try:
-                study.optimize(objective, n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
+                study.optimize(_stopping_past_optuna(objective), n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
                 # Optuna's tell refuses (ValueError) the trial another worker failed as stale
                 # while this one trained it: its heartbeats had not reached the storage for a
@@ -104,9 +115,61 @@ def _take_trials(
                 log.warning("trial %s was failed as stale by another worker; its retry takes over", objective.current)
             number, objective.current = objective.current, None  # ended: Ctrl-C must not requeue it
             _report_end(study, objective, number, progress)
-    except KeyboardInterrupt:
-        requeue_interrupted(study, objective.current)
-        raise
+    except (KeyboardInterrupt, _Stopped) as e:
+        cause = e.cause if isinstance(e, _Stopped) else e
+        with signals_held():  # a second Ctrl-C or SIGTERM must not cut the saving short
+            queued = requeue_interrupted(study, objective.current)
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        raise UserError(_full_disk_message(cause, objective.current, queued, run.grace_period)) from None
+    except Exception as e:
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        raise UserError(_full_disk_message(full, None, False, run.grace_period)) from None
+
+
+class _Stopped(BaseException):
+    """Ctrl-C, SIGTERM or a full disk during a trial, carried past Optuna, which fails a trial whose
+    objective raises an Exception or a KeyboardInterrupt.
+
+    Why: a failed trial lives on only if its copy can be queued, and the storage may refuse that (a
+    full disk, a lost connection): the trial would be lost. Left RUNNING, it is queued again first and
+    failed after (requeue_interrupted); if the storage refuses, it stays RUNNING, its heartbeat stops
+    with this process, and the next run fails it as stale and retries it from its checkpoint.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(first_line(cause))
+        self.cause = cause
+
+
+def _stopping_past_optuna(objective: Objective) -> Callable[[optuna.Trial], float]:
+    """The objective, raising _Stopped in place of an interrupt or a full disk."""
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt as e:
+            raise _Stopped(e) from None
+        except Exception as e:
+            full = disk_full_error(e)
+            if full is None:
+                raise
+            raise _Stopped(full) from None
+
+    return run
+
+
+def _full_disk_message(full: BaseException, number: int | None, queued: bool, grace_period: int) -> str:
+    then = "free some space, then run the same command again"
+    if number is not None:
+        then += (
+            f": it resumes trial {number}, queued again"
+            if queued
+            else f": it retries trial {number} once the trial's heartbeat is {grace_period} s old"
+        )
+    return f"cannot write ({first_line(full)}): is the disk full? {then}"
 
 
 def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial:
@@ -163,9 +226,10 @@ class RetryWatch:
 
     def pending(self, study: optuna.Study) -> bool:
         trials = study.get_trials(deepcopy=False)
-        # A retry names its trial in system_attrs["failed_trial"], a Ctrl-C requeue in user_attrs["resumed_from"];
-        # a trial its own worker failed (out of memory) says why and gets no retry.
-        followed = {t.system_attrs.get("failed_trial") for t in trials} | {
+        # A retry names the trials it continues in system_attrs["retry_history"] (a retry of a retry names
+        # both), a Ctrl-C requeue in user_attrs["resumed_from"]; a trial its own worker failed (out of
+        # memory) says why and gets no retry.
+        followed = {n for t in trials for n in t.system_attrs.get("retry_history", ())} | {
             t.user_attrs.get("resumed_from") for t in trials
         }
         pending = any(
@@ -196,14 +260,25 @@ def _report_end(study: optuna.Study, objective: Objective, number: int | None, p
     )
 
 
-def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
-    """Ctrl-C failed the running trial (Optuna's rule); enqueue it again so the next run resumes it."""
+def requeue_interrupted(study: optuna.Study, number: int | None) -> bool:
+    """Queue the interrupted trial again, so that the next run resumes it, then fail it; whether it was queued.
+
+    In that order: should the storage refuse the second write, the trial is still RUNNING, and a later
+    run fails it as stale and retries it; its copy then runs twice rather than never.
+    """
     if number is None:
-        return
-    trial = trial_numbered(study, number)
-    if trial.state != TrialState.FAIL:
-        return
-    study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resumed_from": number})
+        return False
+    try:
+        trial = trial_numbered(study, number)
+        if trial.state not in (TrialState.RUNNING, TrialState.FAIL):
+            return False  # it ended (finished, pruned) before the interrupt reached it
+        study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resumed_from": number})
+        if trial.state == TrialState.RUNNING:
+            study.tell(number, state=TrialState.FAIL)
+    except Exception as e:  # the storage refused (a full disk, a lost connection): never a traceback here
+        log.warning("trial %d could not be queued again (%s); a later run retries it as stale", number, first_line(e))
+        return False
+    return True
 
 
 def run_search(config: Config, progress: ProgressFn | None = None, command: str | None = None) -> RunOutcome:
@@ -235,40 +310,39 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
                 event = queue.get()
                 if isinstance(event, ChildError):
                     if event.user_error:
-                        _interrupt(procs, queue, grace_s=0)  # they requeue their trials; the user fixes and reruns
+                        stop_processes(procs, _discarding(queue), 0)  # they requeue; the user fixes and reruns
                         raise UserError(f"{event.label}: {event.message}")
                     continue  # a crash: its traceback is on stderr, its exit code ends the run below
                 if progress is not None:
                     progress(event)
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        # From a terminal every worker got the Ctrl-C too; forward it to those that did not
-        # (a signal sent to this process alone), after giving the others time to requeue.
-        _interrupt(procs, queue, grace_s=2)
+    except KeyboardInterrupt as e:
+        stop_on_interrupt(procs, _discarding(queue), e)  # for a signal sent to this process alone
         raise
     codes = [p.exitcode for p in procs]
-    if any(c == INTERRUPTED for c in codes):
-        raise KeyboardInterrupt
+    interrupted = ended_interrupted(codes)
+    if interrupted is not None:
+        raise interrupted
     if any(codes):
-        raise RuntimeError(f"workers crashed with exit codes {codes}; their tracebacks are above")
+        raise Crashed("; ".join(f"worker {i} {how_it_ended(code)}" for i, code in enumerate(codes) if code))
     with opened_storage(config.study.storage) as storage:
         study = optuna.load_study(study_name=config.study.name, storage=storage)
         # A worker returns early only at the timeout, so fewer finished trials mean it was reached.
-        return RunOutcome(timed_out=count_finished_running(study)[0] < config.run.trials, status=study_status(study))
+        return RunOutcome(timed_out=count_trials(study).finished < config.run.trials, status=study_status(study))
 
 
-def _interrupt(procs: list[Any], queue: Any, grace_s: float) -> None:
-    """Ctrl-C to the local workers still running after `grace_s` seconds, then wait for all to end."""
+def _discarding(queue: Any) -> Callable[[], None]:
+    """A function that empties the workers' queue, whose messages nobody shows once they are being stopped."""
 
     def discard() -> None:
         while not queue.empty():
             queue.get()
 
-    stop_processes(procs, discard, grace_s)
+    return discard
 
 
 def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
-    """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C)."""
+    """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
 
     def work() -> None:
         with logging_to(queue.put if live else None):  # live, the parent prints the log lines above its progress lines

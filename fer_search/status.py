@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -52,8 +53,17 @@ def best_value(study: optuna.Study) -> float | None:
         return None
 
 
-def count_finished_running(study: optuna.Study) -> tuple[int, int]:
-    """(finished, running) trials: finished ones count towards --trials."""
-    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    return len(trials) - running, running
+@dataclass(frozen=True)
+class TrialCounts:
+    """What a worker weighs before taking a trial: finished ones count towards --trials."""
+
+    finished: int
+    running: int
+    waiting: int
+
+
+def count_trials(study: optuna.Study) -> TrialCounts:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return TrialCounts(
+        sum(s in FINISHED for s in states), states.count(TrialState.RUNNING), states.count(TrialState.WAITING)
+    )

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
+import re
+import shlex
 import shutil
 import socket
+import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import optuna
 import sqlalchemy
@@ -29,6 +35,10 @@ log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE; 15 and later deny CREATE on public to non-owners
 PG_POOL_SIZE = 2  # a worker uses one connection at a time (plus the heartbeat thread's)
+PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+# SQLite's words for a write the disk refused: full (ENOSPC), or any other write error, such as a
+# file-size limit (EFBIG), which it reports as an I/O error.
+SQLITE_WRITE_FAILED = ("database or disk is full", "disk I/O error")
 
 
 @dataclass(frozen=True)
@@ -102,10 +112,22 @@ def engine_kwargs_for(url: str) -> dict[str, Any]:
 
 
 def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
-    """An RDBStorage for `url`; bad URLs, missing drivers and unreachable servers -> UserError."""
+    """An RDBStorage for `url`; bad URLs, missing drivers, damaged files and unreachable servers -> UserError."""
     _check_url(url)
-    if url.startswith("sqlite:///"):
-        made_folder(Path(url[len("sqlite:///") :]).parent, "storage")
+    path = sqlite_path(url)
+    if path is not None:
+        made_folder(path.parent, "storage")
+        if path.is_file():
+            check_sqlite_intact(path)
+    return _connected(url, heartbeat)
+
+
+def _connected(
+    url: str, heartbeat: Heartbeat | None = None, read_only: Callable[[], sqlite3.Connection] | None = None
+) -> RDBStorage:
+    """The RDBStorage of a checked URL; with `read_only`, a SQLite file it connects to (no tables made, no
+    write locks taken)."""
+    engine_kwargs = engine_kwargs_for(url) | ({} if read_only is None else {"creator": read_only})
     hb: dict[str, Any] = {}
     if heartbeat is not None:
         hb = {
@@ -118,9 +140,10 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     for attempt in range(5):
         try:
             storage = _SteadyRDBStorage(
-                url, engine_kwargs=engine_kwargs_for(url), skip_table_creation=_tables_exist(url), **hb
+                url, engine_kwargs=engine_kwargs, skip_table_creation=read_only is not None or _tables_exist(url), **hb
             )
-            _IMMEDIATE.add(storage.engine)
+            if read_only is None:
+                _IMMEDIATE.add(storage.engine)
             return storage
         except ImportError as e:
             raise UserError(
@@ -164,8 +187,11 @@ class _SteadyRDBStorage(RDBStorage):
         try:
             super().record_heartbeat(trial_id)
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            # Optuna's StorageInternalError says only that a commit failed; the cause says why.
             log.warning(
-                "heartbeat of trial id %d not recorded (%s); trying again next interval", trial_id, first_line(e)
+                "heartbeat of trial id %d not recorded (%s); trying again next interval",
+                trial_id,
+                first_line(e.__cause__ or e),
             )
 
 
@@ -200,15 +226,90 @@ def _check_url(url: str) -> None:
             f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
             "or postgresql://user:pass@host/db)"
         ) from None
+    except ValueError:  # SQLAlchemy parses the port with int()
+        raise UserError(f"storage URL {redacted(url)}: the port is not a number") from None
     if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
         raise UserError(
             f"storage URL {redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
             "(use sqlite or postgresql)"
         )
+    if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.database in (None, "", ":memory:")):
+        # sqlite://x.db names a host, and an in-memory database would keep nothing of the study.
+        raise UserError(
+            f"storage URL {url!r}: a SQLite URL is sqlite:/// and then the file's path "
+            "(sqlite:///studies/fer2013.db, or sqlite:////abs/path.db)"
+        )
     try:
         parsed.get_dialect()
     except sqlalchemy.exc.NoSuchModuleError:
         raise UserError(f"storage URL {redacted(url)}: unknown driver {parsed.drivername!r}") from None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a (checked) SQLite URL; None for other databases."""
+    parsed = sqlalchemy.engine.make_url(url)
+    return Path(str(parsed.database)) if parsed.get_backend_name() == "sqlite" else None
+
+
+def _read_only_uri(path: Path) -> str:
+    """A SQLite URI that reads `path` without writing to it, nor anything beside it in a folder it may not write.
+
+    A WAL database is read through its -shm file, which a reader creates when the last writer has
+    removed it. Where the folder forbids that and no writer holds a -wal file, the file is read as
+    immutable: no writer is there to change it. Otherwise read-only, seeing the live writers' WAL.
+    """
+    writable = os.access(path.parent, os.W_OK | os.X_OK)
+    mode = "mode=ro" if writable or path.with_name(path.name + "-wal").exists() else "immutable=1"
+    return f"file:{quote(str(path.absolute()))}?{mode}"
+
+
+def _read_only_connection(path: Path) -> Callable[[], sqlite3.Connection]:
+    """A function that opens `path` read-only (see _read_only_uri), for an engine's `creator`.
+
+    Why not a URL: a SQLite URI in a SQLAlchemy URL is percent-decoded twice (by SQLAlchemy, then by
+    SQLite), so a path holding '#', '?' or '%' would open another file.
+    """
+    uri = _read_only_uri(path)
+    return lambda: sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+
+
+def check_sqlite_intact(path: Path) -> None:
+    """UserError naming the file when SQLite finds it damaged.
+
+    Why first: SQLite reads a damaged file until a query meets the damaged pages, and Optuna then
+    fails deep inside a command (a traceback, or a trial lost in the middle of a run).
+    """
+    try:
+        with closing(_read_only_connection(path)()) as db:
+            problems = [" ".join(str(row[0]).split()) for row in db.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as e:
+        if e.sqlite_errorname not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):  # locked, unreadable: not damage
+            raise UserError(f"storage {path}: cannot read ({first_line(e)})") from None
+        problems = [first_line(e)]
+    if problems != ["ok"]:
+        raise UserError(
+            f"storage {path}: the database file is damaged ({'; '.join(problems)}); restore it from a backup, "
+            f"or salvage what it holds with: sqlite3 {shlex.quote(str(path))} .recover | sqlite3 recovered.db"
+        )
+
+
+def disk_full_error(error: BaseException) -> BaseException | None:
+    """The write the disk refused (no space, a quota, a size limit) that `error` is or was raised from, if any."""
+    seen: list[BaseException] = []
+    pending: list[BaseException | None] = [error]
+    while pending:
+        e = pending.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if (
+            (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+            or (isinstance(e, sqlite3.OperationalError) and any(m in str(e) for m in SQLITE_WRITE_FAILED))
+            or PG_DISK_FULL in (getattr(e, "sqlstate", None), getattr(e, "pgcode", None))
+        ):
+            return e
+        pending += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return None
 
 
 def _driver_hint(url: str) -> str:
@@ -219,8 +320,8 @@ def redacted(url: str) -> str:
     """The URL with its password hidden, for messages and records."""
     try:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return re.sub(r"//[^/]*@", "//***@", url)  # unparsable: at least no credentials (a password may hold '@')
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
@@ -257,15 +358,19 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
 
 def open_existing_storage(url: str) -> RDBStorage:
     """open_storage for commands that only read: a SQLite file that is not there is a mistyped path,
-    not a database to create."""
+    not a database to create, and one in a folder this user may not write to is read without writing."""
     _check_url(url)
-    database = sqlalchemy.engine.make_url(url).database
-    sqlite_file = url.startswith("sqlite") and database not in (None, "", ":memory:")
-    if sqlite_file and not Path(str(database)).is_file():
+    path = sqlite_path(url)
+    if path is None:
+        return open_storage(url)
+    if not path.is_file():
         raise UserError(
             f"storage {url}: no such database file (start a study with `fer-search run`, or give --storage / --config)"
         )
-    return open_storage(url)
+    if os.access(path.parent, os.W_OK | os.X_OK):
+        return open_storage(url)
+    check_sqlite_intact(path)
+    return _connected(f"sqlite:///{path}", read_only=_read_only_connection(path))
 
 
 def serve_dashboard(url: str, artifacts: Path, host: str, port: int, say: Callable[[str], None]) -> None:

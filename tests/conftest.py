@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +89,45 @@ def finalized(tmp_path_factory: pytest.TempPathFactory, tiny_fer: Path) -> Path:
         )
         assert result.exit_code == 0, result.output
     return folder
+
+
+def killed_mid_write(path: Path) -> Path:
+    """The temporary file a process killed (kill -9) in the middle of write_atomically(path, ...) left behind."""
+    writer = (
+        "import sys, time\nfrom pathlib import Path\nfrom fer_search.files import write_atomically\n"
+        "def write(file):\n    file.write(b'half a checkpoint'); file.flush(); print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+        "write_atomically(Path(sys.argv[1]), write)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    [temporary] = path.parent.glob(f".{path.name}.*.tmp")
+    return temporary
+
+
+@pytest.fixture
+def make_unwritable() -> Iterator[Callable[[Path], None]]:
+    """Makes a folder one this process may read but not write to, even as root (immutable); skips where it cannot."""
+    undo: list[list[str]] = []
+
+    def lock(folder: Path) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            undo.append(["chmod", "755", str(folder)])
+        elif (
+            shutil.which("chattr")
+            and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        ):
+            undo.append(["chattr", "-i", str(folder)])
+        if os.access(folder, os.W_OK):
+            pytest.skip("cannot make a folder this user may not write to")
+
+    try:
+        yield lock
+    finally:
+        for command in undo:
+            subprocess.run(command, check=True)

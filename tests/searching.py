@@ -79,3 +79,28 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """The checkpoints in the study's artifact store (not the temporary file of a write a kill cut short)."""
     artifacts = folder / "studies" / "artifacts"
     return sorted(p for p in artifacts.iterdir() if not p.name.startswith(".")) if artifacts.exists() else []
+
+
+def live_in_session(session: int) -> list[int]:
+    """Processes of a session (a process started with start_new_session, and its children) that have
+    not ended (zombies count as ended). Needs /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def crashing_worker(config: Any, index: int, k: int, queue: Any, live: bool) -> None:
+    """Stands in for search._worker_process (spawned children import it from here): worker 1 crashes."""
+    from fer_search.processes import run_child
+
+    def work() -> None:
+        if index == 1:
+            raise ZeroDivisionError("a bug in worker 1")
+
+    run_child(f"worker {index}", queue, work)

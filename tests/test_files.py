@@ -6,10 +6,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from conftest import killed_mid_write
 
 from fer_search import files
 from fer_search.errors import UserError
@@ -89,6 +91,29 @@ def test_made_folder_names_a_folder_it_cannot_write_to(tmp_path: Path, monkeypat
     monkeypatch.setattr(os, "access", lambda checked, mode: Path(checked) != path)
     with pytest.raises(UserError, match=re.escape(f"{path}: cannot write to the studies folder (permission denied)")):
         made_folder(path, "studies")
+
+
+def test_made_folder_removes_the_temporaries_of_killed_writers_only(tmp_path: Path) -> None:
+    """A process killed mid-write (kill -9) runs no clean-up: whoever next writes there removes its leftovers."""
+    folder = made_folder(tmp_path / "artifacts", "artifact store")
+    dead = killed_mid_write(folder / "ckpt")
+    foreign = folder / ".ckpt.otherhost-1-0123abcd.tmp"  # another machine's writer, which may be alive
+    foreign_old = folder / ".ckpt.otherhost-2-89abcdef.tmp"
+    unrelated = folder / ".notes.tmp"  # not written by fer-search
+    for path in (foreign, foreign_old, unrelated):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(foreign_old, (two_days_ago, two_days_ago))
+
+    def write_while_another_process_opens_the_folder(file: BinaryIO) -> None:
+        file.write(b"half")
+        file.flush()
+        made_folder(folder, "artifact store")
+        assert len(list(folder.glob(".model.pt.*.tmp"))) == 1  # a live writer's temporary is kept
+
+    write_atomically(folder / "model.pt", write_while_another_process_opens_the_folder)
+    assert not dead.exists() and not foreign_old.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([foreign.name, unrelated.name, "model.pt"])
 
 
 def test_sha256_json_ignores_key_order_but_not_values() -> None:

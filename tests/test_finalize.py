@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -22,15 +23,16 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from finalizing import REPORT_FILES
+from searching import live_in_session
 from test_results import METRICS_KEYS
 
 from fer_search.cli import main
 from fer_search.config import load_config
 from fer_search.data import CLASSES
-from fer_search.errors import UserError
+from fer_search.errors import Crashed, UserError
 from fer_search.finalize import SeedJob, train_in_processes
 from fer_search.model import BASELINE
-from fer_search.predict import load_model, predict_images
+from fer_search.predict import load_model, model_from_state, predict_images
 from fer_search.results import FinalMetrics, SeedRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +236,47 @@ def test_a_finalize_interrupted_while_evaluating_keeps_the_training(
     assert metrics_of(final_dir(folder)).best.per_seed == metrics_of(final_dir(finalized)).best.per_seed
 
 
+def shrunk_first_weight(doc: dict[str, Any]) -> None:
+    doc["state"][next(iter(doc["state"]))] = torch.zeros(3)
+
+
+def as_trained_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A finished resume file's document as the trained, not yet evaluated, one it was before."""
+    run = SeedRun.from_json(doc["run"])
+    fields = {"best_epoch": run.best_epoch, "val_acc": run.val_acc, "history": json.dumps(run.history)}
+    return {"key": doc["key"], "state": doc["state"], **fields}
+
+
+@pytest.mark.parametrize(
+    "trained_only, change",
+    [
+        pytest.param(False, shrunk_first_weight, id="finished, weights of another shape"),
+        pytest.param(False, lambda doc: doc.update(run=json.loads(doc["run"])), id="finished, run not JSON text"),
+        pytest.param(True, shrunk_first_weight, id="trained, weights of another shape"),
+        pytest.param(True, lambda doc: doc.update(history=json.loads(doc["history"])), id="trained, history not JSON"),
+    ],
+)
+def test_a_resume_file_that_does_not_fit_is_trained_again(
+    finalized: Path, tmp_path: Path, trained_only: bool, change: Callable[[dict[str, Any]], None]
+) -> None:
+    """A resume file under the right name and key whose contents finalize could not use: one line, then retrained."""
+    folder = Path(shutil.copytree(finalized, tmp_path / "study"))
+    path = finished_path = next(resume_dir(folder).glob("best-seed1-*.pt"))
+    doc = torch.load(path, weights_only=True)
+    if trained_only:
+        path.unlink()
+        path, doc = path.with_suffix(".trained.pt"), as_trained_doc(doc)
+    change(doc)
+    torch.save(doc, path)
+    result = finalize(folder, "--seeds", "2")
+    assert result.exit_code == 0, result.output
+    assert f"best seed 1: cannot reuse {path} (" in result.stderr and "Traceback" not in result.output
+    assert set(trained(result)) == {"best seed 1"}
+    assert not path.with_suffix(".trained.pt").exists()
+    state = torch.load(finished_path, weights_only=True)["state"]
+    model_from_state(metrics_of(final_dir(folder)).best_trial.params, state, len(CLASSES))  # fits now
+
+
 def test_no_baseline_and_out(finalized: Path, tmp_path: Path) -> None:
     before = set(resume_dir(finalized).iterdir())
     result = finalize(finalized, "--seeds", "1", "--no-baseline", "--out", str(tmp_path / "out"), "--epochs", "1")
@@ -379,25 +422,12 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
     config = load_config(tmp_path / "search.toml", {"run.device": "cpu", "data.path": tiny_fer})
     broken = dataclasses.replace(BASELINE, dropout_pattern="sometimes")
     lines: list[str] = []
-    with pytest.raises(RuntimeError, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
+    with pytest.raises(Crashed, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
         train_in_processes(
             [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500, tmp_path / "runs", lines.append
         )
     assert not any("epoch 500/500" in line for line in lines)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
-
-
-def _live_in_session(session: int) -> list[int]:
-    """Processes of a session that have not ended (zombies count as ended)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
@@ -436,11 +466,11 @@ def test_ctrl_c_stops_every_seed_process_and_keeps_finished_seeds(tmp_path: Path
         os.kill(proc.pid, signal.SIGINT)  # to the parent alone: it must stop the seed processes itself
         assert proc.wait(timeout=60) == 130, log.read_text()
         deadline = time.monotonic() + 30
-        while _live_in_session(proc.pid) and time.monotonic() < deadline:
+        while live_in_session(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _live_in_session(proc.pid) == [], log.read_text()
+        assert live_in_session(proc.pid) == [], log.read_text()
     finally:
-        if _live_in_session(proc.pid):
+        if live_in_session(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
     kept = len(list(resume_dir(folder).glob("*.pt")))
     assert 1 <= kept < 3, log.read_text()  # the third seed's process was still starting

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fer_search.errors import UserError
-from fer_search.processes import INTERRUPTED, USER_ERROR, ChildError, run_child, spawn_context, stop_processes
+from fer_search.processes import (
+    INTERRUPTED,
+    TERMINATED,
+    USER_ERROR,
+    ChildError,
+    Terminated,
+    ended_interrupted,
+    how_it_ended,
+    run_child,
+    sigterm_interrupts,
+    spawn_context,
+    stop_on_interrupt,
+    stop_processes,
+)
+
+TESTS = Path(__file__).resolve().parent
 
 
 class Box(list[Any]):
@@ -62,3 +82,88 @@ def test_stop_processes_interrupts_those_still_running_after_the_grace() -> None
     stop_processes([sleeper], lambda: drained.append(1), grace_s=0.5)
     assert not sleeper.is_alive() and sleeper.exitcode != 0  # ended by the SIGINT, not by its sleep
     assert 0.5 <= time.monotonic() - started < 30 and drained
+
+
+def test_sigterm_raises_terminated_inside_and_the_former_handler_comes_back() -> None:
+    former = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # interrupted at once
+    assert signal.getsignal(signal.SIGTERM) is former
+    assert isinstance(Terminated(), KeyboardInterrupt)  # every Ctrl-C handler saves the work for SIGTERM too
+
+
+def test_sigterm_exits_143_and_sends_nothing() -> None:
+    box = Box()
+    with pytest.raises(SystemExit) as ended:
+        run_child("worker 0", box, raising(Terminated()))
+    assert ended.value.code == TERMINATED and box == []
+
+
+def test_children_ended_by_a_signal_end_their_parent_the_same_way() -> None:
+    assert isinstance(ended_interrupted([0, TERMINATED, INTERRUPTED]), Terminated)
+    assert type(ended_interrupted([0, INTERRUPTED])) is KeyboardInterrupt
+    assert ended_interrupted([0, 1, USER_ERROR]) is None
+
+
+def test_a_sigterm_is_passed_on_at_once() -> None:
+    """docker stop and Kubernetes signal the parent alone; its children must get the SIGTERM too."""
+    sleeper = spawn_context().Process(target=time.sleep, args=(60,))
+    sleeper.start()
+    started = time.monotonic()
+    stop_on_interrupt([sleeper], lambda: None, Terminated())
+    assert sleeper.exitcode == -signal.SIGTERM and time.monotonic() - started < 2  # no Ctrl-C grace
+
+
+def waiting_child(marker: str) -> None:
+    """A spawned child (imported from this module) that says it started, then waits to be stopped."""
+
+    def work() -> None:
+        Path(marker).write_text("started")
+        try:
+            time.sleep(120)
+        except Terminated:
+            Path(marker).write_text("terminated")
+            raise
+
+    run_child("child", Box(), work)
+
+
+PARENT = """
+import sys, time
+from fer_search.processes import spawn_context
+from test_processes import waiting_child
+child = spawn_context().Process(target=waiting_child, args=(sys.argv[1],))
+child.start()
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_a_child_stops_as_for_sigterm_when_its_parent_is_killed(tmp_path: Path, sig: signal.Signals) -> None:
+    """Re-parented, it would go on taking trials nobody watches."""
+    marker = tmp_path / "marker"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(marker)], cwd=TESTS, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parent.send_signal(sig)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while marker.read_text() != "terminated" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.read_text() == "terminated"
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_child_killed_by_a_signal_is_not_said_to_have_left_a_traceback() -> None:
+    assert how_it_ended(-signal.SIGKILL) == "was killed by SIGKILL"  # the OOM killer's, say
+    assert how_it_ended(1) == "crashed with exit code 1 (its traceback is above)"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import optuna
+import pytest
 from click.testing import CliRunner
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -16,7 +21,9 @@ from searching import (
     FAST_RUN,
     checkpoint_files,
     cli,
+    crashing_worker,
     finished,
+    live_in_session,
     load,
     running_with_checkpoint,
     spawn_run,
@@ -24,9 +31,10 @@ from searching import (
     write_config,
 )
 
+from fer_search import search
 from fer_search.cli import main
 from fer_search.model import BASELINE, TrialParams
-from fer_search.search import RetryWatch
+from fer_search.search import RetryWatch, requeue_interrupted
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -99,14 +107,18 @@ def test_killed_worker_trial_is_failed_retried_and_resumed(tmp_path: Path, tiny_
     assert checkpoint_files(tmp_path) == []  # the dead trial's and the retry's, removed once it finished
 
 
-def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path: Path, tiny_fer: Path) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_requeues_the_trial_and_the_next_run_resumes(
+    tmp_path: Path, tiny_fer: Path, sig: signal.Signals, code: int
+) -> None:
+    """SIGTERM is what timeout, systemd, Kubernetes and docker stop send: it must save as Ctrl-C does."""
     config = write_config(tmp_path, tiny_fer, FAST_RUN)
     proc = spawn_run(config, "--trials", 1, "--epochs", EPOCHS)
     wait_for(lambda: running_with_checkpoint(tmp_path), 120, "a running trial with a checkpoint")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "resume" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert "resume with: fer-search run" in err and "Traceback" not in err
     study = load(tmp_path)
     failed = study.get_trials(states=(TrialState.FAIL,))
     waiting = study.get_trials(states=(TrialState.WAITING,))
@@ -121,6 +133,108 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(tmp_path: Path, tiny_fer: Pat
     assert len(finished(study)) == 1 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     resumed = study.trials[waiting[0].number]
     assert resumed.user_attrs["resumed_at_epoch"] >= 3
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_local_workers_stop_and_requeue_when_their_parent_is_killed(
+    tmp_path: Path, tiny_fer: Path, sig: signal.Signals
+) -> None:
+    """The signal goes to the parent alone (docker stop and Kubernetes signal PID 1; kill -9 a shell's job)."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    proc = spawn_run(config, "--trials", 4, "--epochs", EPOCHS, "--workers", 2)
+    try:
+        wait_for(lambda: _checkpointed(tmp_path) == 2, 180, "two running trials with checkpoints")
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode == 143, err
+        wait_for(lambda: not live_in_session(proc.pid), 30, "the workers to stop")
+    finally:
+        for pid in live_in_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    study = load(tmp_path)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(failed) == 2 and sorted(t.user_attrs["resumed_from"] for t in waiting) == [t.number for t in failed]
+    assert all(t.user_attrs["checkpoint_epoch"] >= 2 for t in waiting)  # resumable
+
+
+def _checkpointed(folder: Path) -> int:
+    """Running trials whose checkpoint holds two epochs or more."""
+    try:
+        running = load(folder).get_trials(states=(TrialState.RUNNING,))
+    except Exception:  # no database, or no study in it yet
+        return 0
+    return sum(t.user_attrs.get("checkpoint_epoch", 0) >= 2 for t in running)
+
+
+def test_a_retry_queued_once_the_study_holds_its_trials_still_runs(tmp_path: Path, tiny_fer: Path) -> None:
+    """A killed trial's retry can be queued after the other workers have finished --trials: it runs anyway."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    assert cli("run", "--config", config, "--trials", 2, "--epochs", 2, "--device", "cpu").exit_code == 0
+    study = load(tmp_path)
+    killed = study.trials[1]
+    # As Optuna's heartbeat retry enqueues it: the trial's params and attributes, marked as a retry.
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=killed.params,
+            distributions=killed.distributions,
+            user_attrs=killed.user_attrs,
+            system_attrs={"failed_trial": killed.number, "retry_history": [killed.number]},
+        )
+    )
+    result = cli("run", "--config", config, "--trials", 2, "--epochs", 2, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    study = load(tmp_path)
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    assert study.trials[2].state in (TrialState.COMPLETE, TrialState.PRUNED) and len(study.trials) == 3
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_loses_no_trial(tmp_path: Path, tiny_fer: Path) -> None:
+    """A file-size limit stands in for a full disk: writes fail (EFBIG) as with ENOSPC, in the study's
+    database as in the artifact store, and a test needs no disk of its own to fill."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu").exit_code == 0
+    db = tmp_path / "studies" / "fer2013.db"
+    room = db.stat().st_size + 40_000  # a few epochs of the study's writes
+
+    def full_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+
+    command = [sys.executable, "-m", "fer_search", "run", "--config", str(config), "--device", "cpu"]
+    full = subprocess.run(
+        [*command, "--trials", "3", "--epochs", "2"], preexec_fn=full_disk, capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 2, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write (") and "disk" in last and "Traceback" not in full.stderr
+    stopped = load(tmp_path).trials[-1]
+    assert stopped.state in (TrialState.RUNNING, TrialState.FAIL) and f"trial {stopped.number}" in last
+
+    again = subprocess.run([*command, "--trials", "3", "--epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = load(tmp_path)
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    assert len(finished(study)) >= 3
+    followers = [
+        t
+        for t in study.trials
+        if stopped.number in (t.system_attrs.get("failed_trial"), t.user_attrs.get("resumed_from"))
+    ]
+    assert any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in followers)
+
+
+def test_a_crashed_worker_ends_the_run_with_one_line(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "_worker_process", crashing_worker)  # spawned workers import it from tests/
+    config = write_config(tmp_path, tiny_fer)
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--workers", "2", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == "error: worker 1 crashed with exit code 1 (its traceback is above)"
 
 
 def test_search_never_reads_the_test_split(tmp_path: Path, tiny_fer: Path) -> None:
@@ -204,6 +318,45 @@ def test_a_trial_failed_before_its_retry_is_enqueued_holds_off_new_trials() -> N
     study.tell(running.number, state=TrialState.FAIL)
     RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[running.number])
     assert not watch.pending(study)  # its retry is there
+
+
+def test_a_retry_of_a_retry_counts_as_followed() -> None:
+    """Optuna names the first trial of a chain in every retry's failed_trial; retry_history names them all."""
+    study = optuna.create_study()
+    watch = RetryWatch()
+    first = study.ask()
+    study.tell(first.number, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[first.number])
+    retry = study.ask()
+    watch.look(study)
+    study.tell(retry.number, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[retry.number])
+    assert study.trials[-1].system_attrs["failed_trial"] == first.number
+    assert not watch.pending(study)  # the retry's retry is there: nothing to wait for
+
+
+def test_an_interrupted_trial_is_queued_again_before_it_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed first, a trial whose copy the storage then refuses (a full disk) would be lost; queued first,
+    a refusal leaves it RUNNING, and a later run retries it as stale."""
+    study = optuna.create_study()
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("seed", 7)
+    assert requeue_interrupted(study, trial.number)
+    [copy] = study.get_trials(states=(TrialState.WAITING,))
+    assert study.trials[trial.number].state == TrialState.FAIL
+    assert (
+        copy.user_attrs == {"seed": 7, "resumed_from": trial.number}
+        and copy.system_attrs["fixed_params"] == trial.params
+    )
+
+    refused = study.ask()
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(study, "enqueue_trial", full_disk)
+    assert not requeue_interrupted(study, refused.number)
+    assert study.trials[refused.number].state == TrialState.RUNNING
 
 
 def test_an_artifact_folder_that_cannot_be_made_stops_run_with_one_line(tmp_path: Path, tiny_fer: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
+import json
 import multiprocessing
 import queue
 import sqlite3
@@ -14,9 +16,21 @@ from typing import Any
 
 import optuna
 import pytest
+import sqlalchemy
+from click.testing import CliRunner
+from conftest import killed_mid_write
 
+from fer_search.cli import main
 from fer_search.errors import UserError
-from fer_search.storage import SQLITE_BUSY_TIMEOUT_MS, Heartbeat, load_existing_study, open_artifact_store, open_storage
+from fer_search.storage import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    Heartbeat,
+    disk_full_error,
+    load_existing_study,
+    open_artifact_store,
+    open_existing_storage,
+    open_storage,
+)
 
 WORKERS = 4
 TRIALS_PER_WORKER = 30
@@ -239,3 +253,111 @@ def test_a_failed_heartbeat_write_does_not_end_the_heartbeats(
     storage.record_heartbeat(trial._trial_id)  # and the next beat goes through
     assert next(outcomes, "done") == "done"
     assert "heartbeat of trial id" in caplog.text and "server closed the connection" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:s3cretpw@host:abc/db", "postgresql://***@host:abc/db: the port is not a number"),
+        ("postgresql://u:s3cretpw@@host:abc/db", "postgresql://***@host:abc/db: the port is not a number"),
+        ("sqlite://x.db", "a SQLite URL is sqlite:/// and then the file's path"),
+        ("sqlite://", "a SQLite URL is sqlite:/// and then the file's path"),
+        ("sqlite:///:memory:", "a SQLite URL is sqlite:/// and then the file's path"),
+    ],
+)
+def test_a_malformed_url_is_a_one_line_user_error(url: str, expected: str) -> None:
+    message = user_error(url)
+    assert expected in message and "\n" not in message and "s3cretpw" not in message, message
+
+
+def damaged_copy(tmp_path: Path) -> Path:
+    """A study database some of whose pages were overwritten (a bad sector, a copy cut short)."""
+    path = tmp_path / "study.db"
+    storage = open_storage(sqlite_url(path))
+    study = optuna.create_study(study_name="damaged", storage=storage)
+    for i in range(100):
+        trial = study.ask()
+        trial.set_user_attr("note", "x" * 500)
+        study.tell(trial, i)
+    storage.engine.dispose()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    middle = len(data) // page // 2
+    data[middle * page : (middle + 3) * page] = bytes(range(256)) * (3 * page // 256)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("opener", [open_storage, open_existing_storage])
+def test_a_damaged_sqlite_file_is_one_line_naming_it(tmp_path: Path, opener: Callable[[str], Any]) -> None:
+    path = damaged_copy(tmp_path)
+    with pytest.raises(UserError) as info:
+        opener(sqlite_url(path))
+    message = str(info.value)
+    assert message.startswith(f"storage {path}: the database file is damaged") and ".recover" in message
+    assert "\n" not in message
+
+
+def test_status_of_a_damaged_sqlite_file_is_one_line(tmp_path: Path) -> None:
+    path = damaged_copy(tmp_path)
+    result = CliRunner().invoke(main, ["status", "--storage", sqlite_url(path), "--study", "damaged"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "damaged" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EFBIG, "File too large"), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (sqlite3.OperationalError("database or disk is full"), True),
+        (sqlite3.OperationalError("database is locked"), False),
+    ],
+)
+def test_disk_full_error_finds_the_refused_write_in_a_chain(error: Exception, full: bool) -> None:
+    """Optuna raises StorageInternalError from SQLAlchemy's error, which holds the driver's in .orig."""
+    wrapped = sqlalchemy.exc.OperationalError("INSERT ...", {}, error)
+    try:
+        try:
+            raise wrapped
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+    except optuna.exceptions.StorageInternalError as e:
+        assert (disk_full_error(e) is error) == full
+
+
+def test_opening_the_artifact_store_removes_a_killed_writers_temporary(tmp_path: Path) -> None:
+    store = open_artifact_store(tmp_path / "artifacts")
+    store.write("ckpt", io.BytesIO(b"epoch 2"))
+    left = killed_mid_write(tmp_path / "artifacts" / "ckpt")
+    assert left.exists()
+    store = open_artifact_store(tmp_path / "artifacts")  # as the next worker does
+    assert not left.exists()
+    with store.open_reader("ckpt") as reader:
+        assert reader.read() == b"epoch 2"
+
+
+@pytest.mark.parametrize("live_writer", [False, True], ids=["closed", "while-written"])
+def test_status_reads_a_study_in_a_folder_it_cannot_write_to(
+    tmp_path: Path, make_unwritable: Callable[[Path], None], live_writer: bool
+) -> None:
+    """A study shared read-only (another user's, a mounted backup): SQLite reads WAL through a -shm file
+    it would create beside the database, and our engine takes write locks."""
+    folder = tmp_path / "run#2 & co"  # characters a SQLite URI would read as its syntax
+    url = sqlite_url(folder / "study.db")
+    writer = open_storage(url)
+    study = optuna.create_study(study_name="shared", storage=writer)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    if live_writer:
+        study.ask()  # its -wal and -shm stay while it runs
+    else:
+        writer.engine.dispose()  # the last connection removes -wal and -shm
+    make_unwritable(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(main, ["status", "--storage", url, "--study", "shared", "--json"])
+    assert result.exit_code == 0, result.output
+    trials = json.loads(result.output)["trials"]
+    assert trials["COMPLETE"] == 2 and trials["RUNNING"] == (1 if live_writer else 0)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    writer.engine.dispose()
