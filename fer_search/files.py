@@ -62,10 +62,15 @@ def made_folder(path: Path, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"{path}: cannot create the {what} folder ({error.strerror or type(error).__name__})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not may_write(path):
         raise UserError(f"{path}: cannot write to the {what} folder (permission denied)")
     remove_dead_temporaries(path)
     return path
+
+
+def may_write(folder: Path) -> bool:
+    """Whether this process may create files in `folder`."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def remove_dead_temporaries(folder: Path) -> None:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from types import FrameType
@@ -42,27 +42,25 @@ def _raise_terminated(_signum: int, _frame: FrameType | None) -> NoReturn:
     raise Terminated
 
 
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> AbstractContextManager[None]:
     """While inside, SIGTERM raises Terminated in the main thread (Python's default would end the process
-    at once, losing the running trial's requeue); the former handler comes back on leaving."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    former = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, former)
+    at once, losing the running trial's requeue)."""
+    return _handling({signal.SIGTERM: _raise_terminated})
+
+
+def signals_held() -> AbstractContextManager[None]:
+    """While inside, Ctrl-C and SIGTERM are ignored: for the few writes that save interrupted work."""
+    return _handling({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
 
 
 @contextmanager
-def signals_held() -> Iterator[None]:
-    """While inside, Ctrl-C and SIGTERM are ignored: for the few writes that save interrupted work."""
+def _handling(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
+    """These signal handlers while inside, the former ones again on leaving; unchanged outside the main
+    thread, the only one that may set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    former = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    former = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import re
 import shlex
@@ -29,7 +28,7 @@ from sqlalchemy.dialects import plugins
 from sqlalchemy.engine import CreateEnginePlugin
 
 from fer_search.errors import UserError, first_line
-from fer_search.files import made_folder, write_atomically
+from fer_search.files import made_folder, may_write, write_atomically
 
 log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
@@ -258,8 +257,7 @@ def _read_only_uri(path: Path) -> str:
     removed it. Where the folder forbids that and no writer holds a -wal file, the file is read as
     immutable: no writer is there to change it. Otherwise read-only, seeing the live writers' WAL.
     """
-    writable = os.access(path.parent, os.W_OK | os.X_OK)
-    mode = "mode=ro" if writable or path.with_name(path.name + "-wal").exists() else "immutable=1"
+    mode = "mode=ro" if may_write(path.parent) or path.with_name(path.name + "-wal").exists() else "immutable=1"
     return f"file:{quote(str(path.absolute()))}?{mode}"
 
 
@@ -367,7 +365,7 @@ def open_existing_storage(url: str) -> RDBStorage:
         raise UserError(
             f"storage {url}: no such database file (start a study with `fer-search run`, or give --storage / --config)"
         )
-    if os.access(path.parent, os.W_OK | os.X_OK):
+    if may_write(path.parent):
         return open_storage(url)
     check_sqlite_intact(path)
     return _connected(f"sqlite:///{path}", read_only=_read_only_connection(path))
