@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from fer_search.errors import Crashed, UserError, configure_logging, logging_to
-from fer_search.processes import Terminated, exit_code, sigterm_interrupts
+from fer_search.processes import Terminated, exit_code, signals_deferred, sigterm_interrupts
 
 
 class _Cli(click.Group):
@@ -88,7 +88,8 @@ def run(
     ignore_mismatch: bool | None,
 ) -> None:
     """Search until the study holds --trials finished trials."""
-    from fer_search.search import run_search
+    with signals_deferred():  # torch's import cannot be interrupted cleanly
+        from fer_search.search import run_search
 
     cfg = _config(
         config,
@@ -243,7 +244,8 @@ def finalize(
     jobs: int | None,
 ) -> None:
     """Retrain the best trial and the baseline, evaluate on the test set, write the reports."""
-    from fer_search.finalize import finalize_study
+    with signals_deferred():  # torch's import cannot be interrupted cleanly
+        from fer_search.finalize import finalize_study
 
     cfg = _config(
         config,
@@ -277,7 +279,8 @@ def predict(
     model: Path | None, study: str | None, config: Path | None, as_json: bool, images: tuple[Path, ...]
 ) -> None:
     """Expression and probabilities for each IMAGE."""
-    from fer_search.predict import load_model, predict_images
+    with signals_deferred():  # torch's import cannot be interrupted cleanly
+        from fer_search.predict import load_model, predict_images
 
     if model is None:
         cfg = _config(config, **{"study.name": study})
@@ -304,7 +307,8 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
 def data_check(path: Path, config: Path | None, as_json: bool) -> None:
     """What a data set holds: splits, classes, counts, fingerprint."""
-    from fer_search.data import CLASSES, check_data
+    with signals_deferred():  # torch's import cannot be interrupted cleanly
+        from fer_search.data import CLASSES, check_data
 
     cfg = _config(config)
     doc = check_data(path, cfg.data.cache_dir, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)

@@ -27,6 +27,7 @@ from fer_search.processes import (
     ended_interrupted,
     how_it_ended,
     run_child,
+    signals_deferred,
     spawn_context,
     stop_on_interrupt,
     stop_processes,
@@ -342,7 +343,8 @@ def train_in_processes(jobs: list[SeedJob], config: Config, epochs: int, runs_di
             while waiting and len(running) < config.finalize.jobs:
                 job = waiting.pop(0)
                 running[job] = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue))
-                running[job].start()
+                with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
+                    running[job].start()
             ended = [job for job, p in running.items() if not p.is_alive()]
             _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
             for job in ended:

@@ -53,6 +53,31 @@ def signals_held() -> AbstractContextManager[None]:
     return _handling({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
 
 
+# The signals that stop a command's work; held back where an interrupt could not unwind.
+_STOPPING = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """While inside, Ctrl-C and SIGTERM wait (blocked, not lost); they arrive on leaving.
+
+    Why: torch's import runs Python code called from C++, where the interrupt a signal handler raises
+    cannot unwind: the process aborts ("terminate called ... KeyboardInterrupt", SIGABRT) instead of
+    exiting 130 or 143. A child process inherits the blocked signals, so one started inside imports
+    its modules with them blocked too, until run_child lets them in. Blocked in this thread: it holds
+    for a process whose other threads start inside (threads inherit the mask), as the CLI's before
+    its first import of torch and a fresh child.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    former = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPING)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, former)
+
+
 @contextmanager
 def _handling(handlers: dict[signal.Signals, Any]) -> Iterator[None]:
     """These signal handlers while inside, the former ones again on leaving; unchanged outside the main
@@ -90,6 +115,8 @@ def run_child(label: str, queue: Any, work: Callable[[], None]) -> None:
     configure_logging()
     try:
         with sigterm_interrupts():
+            if hasattr(signal, "pthread_sigmask"):  # blocked by a parent that started it in signals_deferred
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPPING)
             _terminate_when_parent_dies(label)
             work()
     except UserError as e:

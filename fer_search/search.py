@@ -22,6 +22,7 @@ from fer_search.processes import (
     ended_interrupted,
     how_it_ended,
     run_child,
+    signals_deferred,
     signals_held,
     spawn_context,
     stop_on_interrupt,
@@ -302,8 +303,9 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
         ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
         for i in range(k)
     ]
-    for p in procs:
-        p.start()
+    with signals_deferred():  # each imports torch with Ctrl-C held back, until run_child
+        for p in procs:
+            p.start()
     try:
         while any(p.is_alive() for p in procs) or not queue.empty():
             while not queue.empty():

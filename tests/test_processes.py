@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fer_search.processes import (
     ended_interrupted,
     how_it_ended,
     run_child,
+    signals_deferred,
     sigterm_interrupts,
     spawn_context,
     stop_on_interrupt,
@@ -167,3 +169,32 @@ def test_a_child_stops_as_for_sigterm_when_its_parent_is_killed(tmp_path: Path, 
 def test_a_child_killed_by_a_signal_is_not_said_to_have_left_a_traceback() -> None:
     assert how_it_ended(-signal.SIGKILL) == "was killed by SIGKILL"  # the OOM killer's, say
     assert how_it_ended(1) == "crashed with exit code 1 (its traceback is above)"
+
+
+def test_a_signal_deferred_arrives_on_leaving_not_inside() -> None:
+    """Inside: torch's import, where an interrupt raised from C++-called Python aborts the process."""
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            # To this thread: pytest's process has other threads, which do not block it (the command's
+            # process has none yet where it defers).
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+            time.sleep(0.2)
+            reached = True
+    assert reached
+
+
+def sleeping_child() -> None:
+    """A spawned child (imported from this module) that waits to be stopped."""
+    run_child("child", Box(), lambda: time.sleep(60))
+
+
+def test_a_child_started_with_signals_deferred_takes_them_once_it_runs() -> None:
+    """It inherits the blocked signals for its imports; run_child lets them in, or SIGTERM would never land."""
+    with signals_deferred():
+        child = spawn_context().Process(target=sleeping_child)
+        child.start()
+    time.sleep(3)  # past its imports, into run_child's work
+    os.kill(child.pid, signal.SIGTERM)
+    child.join(timeout=30)
+    assert child.exitcode == TERMINATED
