@@ -317,6 +317,17 @@ def run_phase(run: Run, name: str, phase: Callable[[], dict[str, Any]], alarm: f
 
 
 @contextlib.contextmanager
+def _imports_whole() -> Iterator[None]:
+    """The alarm and SIGTERM held back (blocked, then delivered) while importing: a cut inside an import
+    leaves a half-initialised module in sys.modules, and every later phase then fails to import it."""
+    former = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, former)
+
+
+@contextlib.contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
     """Raise PhaseCut in this (main) thread after `seconds`; the study and finalize phases end their
     subprocesses themselves before it rings."""
@@ -413,7 +424,8 @@ def env_phase(config: Config, plan: Plan) -> dict[str, Any]:
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, machine and device: what a figure of this run must name."""
     # Imports Optuna: a broken install is then this phase's failure, not the script's.
-    from fer_search.study import package_version, provenance
+    with _imports_whole():
+        from fer_search.study import package_version, provenance
 
     found = provenance()
     env: dict[str, Any] = {
@@ -611,9 +623,10 @@ def _sqlite_copy(source: Path, target: Path) -> None:
 def study_figures(plan: Plan) -> dict[str, Any]:
     """Trials by state, epochs trained against unpruned, best and baseline, read from the database
     (no trials where `run` was stopped before it created the study)."""
-    import optuna  # the study phase's library, imported where it is needed
+    with _imports_whole():
+        import optuna  # the study phase's library, imported where it is needed
 
-    from fer_search.status import study_status
+        from fer_search.status import study_status
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = None
