@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from fer_search.errors import Crashed, UserError, configure_logging, logging_to
+from fer_search.errors import LEVELS, Crashed, UserError, configure_logging, logging_to
 from fer_search.processes import Terminated, exit_code, signals_deferred, sigterm_interrupts
+from fer_search.progress import accuracy_text, params_text
 
 
 class _Cli(click.Group):
@@ -45,19 +47,57 @@ def main() -> None:
     configure_logging()
 
 
+# The config keys of the options a user may set per machine in the environment, a flag winning over it.
+ENV_KEYS = {"study": "study.name", "storage": "study.storage", "data": "data.path", "device": "run.device"}
+ENV_KEYS |= {"workers": "run.workers", "artifacts": "study.artifacts"}
+
+
 def _config(config: Path | None, **overrides: Any) -> Any:
     from fer_search.config import load_config
 
-    return load_config(config, {k: v for k, v in overrides.items() if v is not None})
+    ctx = click.get_current_context()
+    from_env = {p.name: _env_name(p) for p in ctx.command.params if _source(ctx, p) == ParameterSource.ENVIRONMENT}
+    if config is not None and "config" in from_env and not config.is_file():
+        raise UserError(f"{from_env['config']}={config}: no such config file")
+    origins = {ENV_KEYS[name]: env for name, env in from_env.items() if name in ENV_KEYS}
+    return load_config(config, {k: v for k, v in overrides.items() if v is not None}, origins)
 
 
-config_option = click.option(
-    "--config", type=click.Path(path_type=Path), help="search.toml to read (default ./search.toml)"
+def _source(ctx: click.Context, param: click.Parameter) -> ParameterSource | None:
+    return ctx.get_parameter_source(param.name or "")
+
+
+def _env_name(param: click.Parameter) -> str:
+    return param.envvar if isinstance(param.envvar, str) else "the environment"
+
+
+def _env_option(flag: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A flag that a machine may set once in its environment, as FER_SEARCH_<NAME>; the flag wins."""
+    return click.option(flag, envvar=f"FER_SEARCH_{flag.lstrip('-').upper()}", show_envvar=True, **kwargs)
+
+
+config_option = _env_option(
+    "--config", type=click.Path(path_type=Path), help="search.toml to read (default ./search.toml, if there is one)"
 )
-study_option = click.option("--study", help="study name (study.name)")
-storage_option = click.option("--storage", help="storage URL, e.g. sqlite:///studies/fer2013.db or postgresql://...")
-data_option = click.option("--data", type=click.Path(path_type=Path), help="FER2013 folder or fer2013.csv (data.path)")
-device_option = click.option("--device", help="auto, cpu, cuda or cuda:K")
+study_option = _env_option("--study", help="study name (study.name)")
+storage_option = _env_option(
+    "--storage",
+    help="storage URL, e.g. sqlite:///studies/fer2013.db or postgresql+psycopg://user@host/db (password: PGPASSWORD)",
+)
+data_option = _env_option("--data", type=click.Path(path_type=Path), help="FER2013 folder or fer2013.csv (data.path)")
+device_option = _env_option("--device", help="auto, cpu, cuda or cuda:K")
+
+
+def verbosity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """-q / -v: warnings only, or every epoch too; a line per trial (or per finalize epoch) by default."""
+    command = click.option("-v", "--verbose", is_flag=True, help="log every epoch too")(command)
+    return click.option("-q", "--quiet", is_flag=True, help="log warnings and errors only")(command)
+
+
+def _set_verbosity(quiet: bool, verbose: bool) -> None:
+    if quiet and verbose:
+        raise UserError("-q and -v: give one of them, not both")
+    configure_logging(LEVELS[verbose - quiet])
 
 
 @main.command()
@@ -68,12 +108,13 @@ device_option = click.option("--device", help="auto, cpu, cuda or cuda:K")
 @config_option
 @click.option("--epochs", type=int, help="most epochs per trial (stored in the study)")
 @device_option
-@click.option("--workers", type=int, help="worker processes on this machine")
+@_env_option("--workers", type=int, help="worker processes on this machine")
 @click.option("--seed", type=int, help="base random seed")
 @click.option("--timeout", type=float, help="stop taking trials after this many seconds")
 @click.option(
     "--ignore-mismatch", is_flag=True, default=None, help="continue a study whose data, space or epochs changed"
 )
+@verbosity_options
 def run(
     trials: int | None,
     study: str | None,
@@ -86,9 +127,13 @@ def run(
     seed: int | None,
     timeout: float | None,
     ignore_mismatch: bool | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
-    """Search until the study holds --trials finished trials."""
+    """Search until the study holds --trials finished trials; a log line for each trial that starts or ends."""
+    _set_verbosity(quiet, verbose)
     with signals_deferred():  # torch's import cannot be interrupted cleanly
+        from fer_search.progress import SearchBars
         from fer_search.search import run_search
 
     cfg = _config(
@@ -106,10 +151,10 @@ def run(
             "run.ignore_mismatch": ignore_mismatch,
         },
     )
-    live = _LiveLines() if sys.stderr.isatty() else None
+    bars = SearchBars() if sys.stderr.isatty() else None  # elsewhere (a file, docker logs): the log lines alone
     try:
-        with logging_to(live):
-            outcome = run_search(cfg, live, command_line(click.get_current_context()))
+        with logging_to(bars):
+            outcome = run_search(cfg, bars, command_line(click.get_current_context()))
     except KeyboardInterrupt as e:
         click.echo(
             f"\n{_interrupted(e)}: the study is saved; the interrupted trial is queued again and resumes from its "
@@ -117,17 +162,26 @@ def run(
             err=True,
         )
         sys.exit(exit_code(e))
+    finally:
+        if bars is not None:
+            bars.close()
     if outcome.timed_out:
         click.echo(f"timeout reached after {cfg.run.timeout:g} s: stopped taking trials", err=True)
     _print_status(outcome.status)
 
 
 def command_line(ctx: click.Context) -> str:
-    """The command as the user could type it again (from the parsed options; passwords hidden)."""
+    """The command as the user could type it again (from the parsed options; passwords hidden).
+
+    Options taken from the environment are left out: the environment gives them again, and the command
+    line must not show a storage URL the user kept out of it.
+    """
     words = ["fer-search", *ctx.command_path.split()[1:]]  # the same program however it was started
     for param in ctx.command.params:
         value = ctx.params.get(param.name or "")
         if not isinstance(param, click.Option) or value is None or value is False or value == param.default:
+            continue
+        if _source(ctx, param) == ParameterSource.ENVIRONMENT:
             continue
         if param.name == "storage":
             from fer_search.storage import redacted
@@ -135,36 +189,6 @@ def command_line(ctx: click.Context) -> str:
             value = redacted(str(value))
         words += [param.opts[-1]] if param.is_flag else [param.opts[-1], str(value)]
     return shlex.join(words)
-
-
-class _LiveLines:
-    """On a terminal: one live line per worker, and a lasting line above them for each trial that ends."""
-
-    def __init__(self) -> None:
-        self.lines: dict[int, str] = {}
-        self.drawn = 0  # live lines now on the screen, below the lasting ones
-
-    def __call__(self, p: Any) -> None:
-        if isinstance(p, str):  # a log line
-            self._draw(p)
-            return
-        best = "-" if p.best is None else f"{p.best:.4f}"
-        if p.state == "RUNNING":
-            self.lines[p.worker] = (
-                f"[w{p.worker}] trial {p.trial} epoch {p.epoch}/{p.epochs} val_acc {p.val_acc:.4f} best {best}"
-            )
-            self._draw()
-        else:
-            self.lines.pop(p.worker, None)
-            value = "-" if math.isnan(p.val_acc) else f"{p.val_acc:.4f}"
-            self._draw(f"[w{p.worker}] trial {p.trial} {p.state.lower()} after {p.epoch} epochs: {value} (best {best})")
-
-    def _draw(self, lasting: str | None = None) -> None:
-        # Up to the first live line, clear to the end of the screen, then print everything again.
-        text = "\033[F" * self.drawn + "\r\033[J" + (lasting + "\n" if lasting else "")
-        live = [self.lines[w] for w in sorted(self.lines)]
-        click.echo(text + "".join(line + "\n" for line in live), nl=False, err=True, color=True)  # made for a terminal
-        self.drawn = len(live)
 
 
 @main.command()
@@ -178,31 +202,37 @@ def status(study: str | None, storage: str | None, config: Path | None, as_json:
     from fer_search.storage import load_existing_study
 
     cfg = _config(config, **{"study.name": study, "study.storage": storage})
-    loaded = load_existing_study(cfg.study.storage, cfg.study.name)
-    doc = study_status(loaded)
+    doc = study_status(load_existing_study(cfg.study.storage, cfg.study.name))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        _print_status(doc, loaded.user_attrs.get("baseline_excluded", False))
+        _print_status(doc)
 
 
-def _print_status(doc: dict[str, Any], baseline_excluded: bool = False) -> None:
-    counts = ", ".join(f"{n.lower()} {c}" for n, c in doc["trials"].items() if c)
-    click.echo(f"study {doc['study']}: {counts or 'no trials'}; {doc['seconds'] / 60:.1f} min of training")
+def _print_status(doc: dict[str, Any]) -> None:
+    running = f" ({doc['running_seconds'] / 60:.1f} in running trials)" if doc.get("running_seconds") else ""
+    click.echo(
+        f"study {doc['study']}: {_trial_counts(doc) or 'no trials'}; {doc['seconds'] / 60:.1f} min of training{running}"
+    )
     best, base = doc["best"], doc["baseline"]
     if best:
-        click.echo(f"best: trial {best['number']}, val_acc {best['value']:.4f}")
-        click.echo("  " + ", ".join(f"{k}={v}" for k, v in best["params"].items() if v is not None))
+        click.echo(f"best: trial {best['number']}, val_acc {accuracy_text(best['value'])}")
+        click.echo("  " + params_text(best["params"]))  # as the log lines give them
     if base:
-        value = "-" if base["value"] is None else f"{base['value']:.4f}"
-        click.echo(f"baseline: trial {base['number']} ({base['state'].lower()}), val_acc {value}")
-    elif baseline_excluded:
+        click.echo(
+            f"baseline: trial {base['number']} ({base['state'].lower()}), val_acc {accuracy_text(base['value'])}"
+        )
+    elif doc.get("baseline_excluded"):
         click.echo("baseline: not in this study ([space] excludes one of its values)")
+
+
+def _trial_counts(doc: dict[str, Any]) -> str:
+    return ", ".join(f"{n.lower()} {c}" for n, c in doc["trials"].items() if c)
 
 
 @main.command()
 @storage_option
-@click.option("--artifacts", type=click.Path(path_type=Path), help="artifact store folder (study.artifacts)")
+@_env_option("--artifacts", type=click.Path(path_type=Path), help="artifact store folder (study.artifacts)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @config_option
@@ -231,6 +261,7 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default studies/<study>/final)")
 @click.option("--jobs", type=int, help="seed runs trained at once, in as many processes sharing the device")
+@verbosity_options
 def finalize(
     study: str | None,
     storage: str | None,
@@ -242,10 +273,14 @@ def finalize(
     device: str | None,
     out: Path | None,
     jobs: int | None,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Retrain the best trial and the baseline, evaluate on the test set, write the reports."""
+    _set_verbosity(quiet, verbose)
     with signals_deferred():  # torch's import cannot be interrupted cleanly
         from fer_search.finalize import finalize_study
+        from fer_search.progress import FinalizeProgress
 
     cfg = _config(
         config,
@@ -261,7 +296,12 @@ def finalize(
             "finalize.jobs": jobs,
         },
     )
-    summary = finalize_study(cfg, command_line(click.get_current_context()), _print_line)
+    shown = FinalizeProgress(bar=sys.stderr.isatty())
+    try:
+        with logging_to(shown.write_line if sys.stderr.isatty() else None):
+            summary = finalize_study(cfg, command_line(click.get_current_context()), shown)
+    finally:
+        shown.close()
     click.echo(summary)
 
 
@@ -319,3 +359,60 @@ def data_check(path: Path, config: Path | None, as_json: bool) -> None:
     click.echo(f"{'split':<6}{'total':>7}" + "".join(f"{c:>10}" for c in CLASSES))
     for split, s in doc["splits"].items():
         click.echo(f"{split:<6}{s['total']:>7}" + "".join(f"{s['per_class'][c]:>10}" for c in CLASSES))
+
+
+@main.command()
+@storage_option
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout: a list of status documents")
+def studies(storage: str | None, config: Path | None, as_json: bool) -> None:
+    """Every study in the storage: trials by state, best, baseline, training time."""
+    from fer_search.status import studies_status
+    from fer_search.storage import open_existing_storage, redacted
+
+    cfg = _config(config, **{"study.storage": storage})
+    docs = studies_status(open_existing_storage(cfg.study.storage))
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+    elif not docs:
+        click.echo(f"no studies in {redacted(cfg.study.storage)} (start one with `fer-search run`)")
+    else:
+        _print_table(["study", "trials", "best val_acc", "baseline val_acc", "training"], [_study_row(d) for d in docs])
+
+
+def _study_row(doc: dict[str, Any]) -> list[str]:
+    best, base = doc["best"], doc["baseline"]
+    best_text = "-" if best is None else f"{accuracy_text(best['value'])} (trial {best['number']})"
+    if base is None:
+        base_text = "excluded by [space]" if doc.get("baseline_excluded") else "-"
+    else:
+        state = "" if base["state"] == "COMPLETE" else f", {base['state'].lower()}"
+        base_text = f"{accuracy_text(base['value'])} (trial {base['number']}{state})"
+    return [doc["study"], _trial_counts(doc) or "none", best_text, base_text, f"{doc['seconds'] / 60:.1f} min"]
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@main.command()
+@study_option
+@storage_option
+@config_option
+@click.option("--format", "fmt", help="csv or json (default: from --out's suffix, else csv)")
+@click.option("--out", type=click.Path(path_type=Path), help="file to write (default: stdout)")
+def export(study: str | None, storage: str | None, config: Path | None, fmt: str | None, out: Path | None) -> None:
+    """Every trial of the study, a row each: number, value, times, params, epochs, state."""
+    from fer_search.export import export_format, export_trials
+    from fer_search.files import write_file
+    from fer_search.storage import load_existing_study
+
+    fmt = export_format(fmt, out)  # before the database is read: a mistyped suffix costs nothing
+    cfg = _config(config, **{"study.name": study, "study.storage": storage})
+    text = export_trials(load_existing_study(cfg.study.storage, cfg.study.name), fmt)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        write_file(out, text.encode())

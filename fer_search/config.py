@@ -194,11 +194,15 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, override_origins: dict[str, str] | None = None
+) -> Config:
     """Read `path` (or ./search.toml when it exists, else the defaults), then apply overrides.
 
     Overrides are keyed "section.key" and hold already-typed values from the CLI; relative paths
     in them are taken against the working directory, relative paths in the file against its folder.
+    `override_origins` names where an override came from, for its errors (an environment variable); the
+    default is the command line.
     """
     if path is None and Path("search.toml").is_file():
         path = Path("search.toml")
@@ -226,9 +230,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         origins.update(dict.fromkeys((f"{name}.{key}" for key in table), where))
     for key, value in (overrides or {}).items():
         name, _, sub = key.partition(".")
-        parsed = _parse_section(name, {sub: value}, Path.cwd(), "command line")
+        origin = (override_origins or {}).get(key, "command line")
+        parsed = _parse_section(name, {sub: value}, Path.cwd(), origin)
         sections[name] = {**sections.get(name, {}), **parsed}
-        origins[key] = "command line"
+        origins[key] = origin
     config = Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
     config = _resolve_defaults(config, base)
     _check_consistency(config, origins)

@@ -4,10 +4,16 @@ errors, and its log lines."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# Timestamped: a log that goes to a file or `docker compose logs` must say when each trial ended.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+# fer-search's own log level by -q / -v: warnings only; a line per trial (the default); and every epoch.
+LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
 
 
 class UserError(Exception):
@@ -24,10 +30,32 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def configure_logging() -> None:
-    """Every library's warnings, and fer-search's own notes (resumed trials, retries), on stderr."""
-    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
-    logging.getLogger("fer_search").setLevel(logging.INFO)
+def configure_logging(level: int = logging.INFO) -> None:
+    """Every library's warnings, and fer-search's own lines at `level` (a line per trial at INFO), on stderr."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        root.addHandler(handler)
+    logging.getLogger("fer_search").setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is logged, not as it was at set-up: click's test runner,
+    like any caller that redirects stderr, swaps it for the length of a command."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # StreamHandler's constructor sets it
+
+
+def log_level() -> int:
+    """fer-search's log level now: handed to the processes it starts, which configure their own logging."""
+    return logging.getLogger("fer_search").level or logging.INFO
 
 
 class LineHandler(logging.Handler):
@@ -38,7 +66,7 @@ class LineHandler(logging.Handler):
     def __init__(self, send: Callable[[str], None]) -> None:
         super().__init__()
         self.send = send
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -1,11 +1,14 @@
-"""Finalize's figures as PNG bytes: confusion matrix, training curves, misclassified faces, Optuna's plots."""
+"""Finalize's figures as PNG bytes (confusion, curves, misclassified faces, Optuna's plots), each with its note."""
 
 from __future__ import annotations
 
 import io
 import math
-import textwrap
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -15,32 +18,58 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fer_search.metrics import ClassificationReport
-from fer_search.results import Finalized, SeedRun
+from fer_search.model import BASELINE
+from fer_search.results import Finalized, FinalMetrics, SeedRun
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
-MIN_TRIALS_FOR_IMPORTANCES = 2  # below this Optuna cannot compare trials at all
 # Optuna's importances (PedANOVA) contrast the best 10% of complete trials with all of them: below 10
 # that best tenth is a single trial, and a history of so few points shows no trend either.
 FEW_COMPLETE_TRIALS = 10
-MAX_WARNINGS_SHOWN = 3  # of Optuna's distinct warnings on one figure (PedANOVA warns once per parameter)
+MAX_WARNINGS_SHOWN = 3  # of Optuna's distinct warnings in one note (PedANOVA warns once per parameter)
 NAMES = {"best": "best trial", "baseline": "baseline"}  # by SeedRun.kind
-COLORS = {"best": "tab:blue", "baseline": "tab:orange"}
+SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange"}
+# The colour says the split, the line the run: the best trial's bold, solid and on top, so that the
+# baseline's, thin, dashed and light, never hides it.
+RUN_STYLES: dict[str, dict[str, Any]] = {
+    "best": {"linestyle": "-", "linewidth": 2.2, "alpha": 1.0, "zorder": 3},
+    "baseline": {"linestyle": "--", "linewidth": 1.2, "alpha": 0.55, "zorder": 2},
+}
+FIGURE_NAMES = ("confusion.png", "performance.png", "misclassified.png", "search_history.png", "param_importances.png")
 
 
-def report_figures(f: Finalized) -> dict[str, bytes]:
-    """Every figure of the reports, by file name."""
+@dataclass(frozen=True)
+class Plot:
+    """One figure of the reports, and the sentence the page gives with it."""
+
+    png: bytes | None  # None where nothing meaningful can be drawn: the note says why
+    note: str | None = None  # below the figure, what to know reading it; or in its place
+
+
+def report_figures(f: Finalized) -> dict[str, Plot]:
+    """Every figure of the reports, by file name (FIGURE_NAMES, in order)."""
     protocol, shipped = f.metrics.protocol, f.shipped
-    shipped_label = f"shipped model (best trial #{f.metrics.best_trial.number}, seed {shipped.seed})"
+    same = " = baseline" if best_is_baseline(f.metrics) else ""
+    shipped_label = f"shipped model (best trial #{f.metrics.best_trial.number}{same}, seed {shipped.seed})"
     return {
-        "confusion.png": confusion_png(shipped.private_test, f.classes, shipped_label, protocol.test),
-        "performance.png": performance_png(shipped, f.baseline, shipped_label, protocol.val),
-        "misclassified.png": misclassified_png(
+        "confusion.png": Plot(confusion_png(shipped.private_test, f.classes, shipped_label, protocol.test)),
+        "performance.png": Plot(performance_png(shipped, compared_baseline(f), shipped_label, protocol.val)),
+        "misclassified.png": misclassified_plot(
             f.test_images, f.test_labels, shipped, f.classes, shipped_label, protocol.test
         ),
-        "search_history.png": search_history_png(f.study, protocol.val),
-        "param_importances.png": param_importances_png(f.study, protocol.val),
+        "search_history.png": search_history_plot(f.study, protocol.val),
+        "param_importances.png": param_importances_plot(f.study, protocol.val),
     }
+
+
+def best_is_baseline(metrics: FinalMetrics) -> bool:
+    """Whether the best trial has the baseline's configuration: finalize then trained each seed once, for both."""
+    return metrics.baseline is not None and metrics.best_trial.params == BASELINE
+
+
+def compared_baseline(f: Finalized) -> SeedRun | None:
+    """The baseline's run shown beside the shipped one; None without one, or where it is the shipped run itself."""
+    return None if best_is_baseline(f.metrics) else f.baseline
 
 
 def shown_runs(shipped: SeedRun, baseline: SeedRun | None) -> list[SeedRun]:
@@ -88,40 +117,41 @@ def _confusion_panel(
 
 
 def performance_png(shipped: SeedRun, baseline: SeedRun | None, model_label: str, val_split: str) -> bytes:
-    """Accuracy and loss per epoch, training solid and validation dashed, the kept epoch marked."""
-    fig = Figure(figsize=(13, 5), layout="constrained")
+    """Accuracy and loss per epoch of each run, training and validation, the kept epoch marked."""
+    runs = shown_runs(shipped, baseline)
+    fig = Figure(figsize=(13, 5.6), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), ("acc", "loss")):
         name = "accuracy" if metric == "acc" else "loss"
-        for run in shown_runs(shipped, baseline):
-            _plot_curves(ax, run, metric)
-        ax.set(xlabel="epoch", ylabel=name, title=f"{name}: training (solid), validation on {val_split} (dashed)")
+        for run in runs:
+            _plot_curves(ax, run, metric, val_split)
+        ax.set(xlabel="epoch", ylabel=name, title=f"{name}: training (blue), validation on {val_split} (orange)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole; a 2-epoch run got 1.2, 1.4, ...
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    beside = "" if baseline is None else " and the baseline"
-    fig.suptitle(
-        f"Training curves of the {model_label}{beside}; dotted line: epoch whose weights are kept", fontsize=12
-    )
+    # One legend for both panels, below them rather than over the curves: a column per run.
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(runs), fontsize=9)
+    beside = "" if baseline is None else " (solid), and the baseline's run of the same seed (dashed)"
+    fig.suptitle(f"Training curves of the {model_label}{beside}", fontsize=12)
     return _png(fig)
 
 
-def _plot_curves(ax: Axes, run: SeedRun, metric: str) -> None:
-    label, color = run_label(run), COLORS[run.kind]
+def _plot_curves(ax: Axes, run: SeedRun, metric: str, val_split: str) -> None:
+    label, style = run_label(run), RUN_STYLES[run.kind]
     epochs = [h["epoch"] for h in run.history]
-    ax.plot(epochs, [h[f"train_{metric}"] for h in run.history], color=color, label=f"{label} training")
-    ax.plot(epochs, [h[f"val_{metric}"] for h in run.history], color=color, linestyle="--", label=f"{label} validation")
-    ax.axvline(run.best_epoch, color=color, linestyle=":", label=f"{label} kept epoch {run.best_epoch}")
+    for split, name in (("train", "training"), ("val", f"validation on {val_split}")):
+        values = [h[f"{split}_{metric}"] for h in run.history]
+        ax.plot(epochs, values, color=SPLIT_COLORS[split], label=f"{label}: {name}", **style)
+    kept = {**style, "linestyle": ":"}
+    ax.axvline(run.best_epoch, color="0.2", label=f"{label}: kept epoch {run.best_epoch}", **kept)
 
 
-def misclassified_png(
+def misclassified_plot(
     images: np.ndarray, labels: np.ndarray, run: SeedRun, classes: tuple[str, ...], model_label: str, split: str
-) -> bytes:
+) -> Plot:
     """The most confident mistakes first, each titled true -> predicted (confidence)."""
     pred, conf, labels = np.asarray(run.test_pred), np.asarray(run.test_conf), np.asarray(labels)
     wrong = np.flatnonzero(pred != labels)
-    title = f"Misclassified {split} faces of the {model_label}"
     if wrong.size == 0:
-        return _note_png(title, f"the model classified all {labels.size} {split} faces correctly")
+        return Plot(None, f"No misclassified faces to show: the {model_label} classified all {labels.size} correctly.")
     shown = wrong[np.argsort(-conf[wrong], kind="stable")][: GRID_COLUMNS * GRID_ROWS]
     rows = math.ceil(shown.size / GRID_COLUMNS)
     fig = Figure(figsize=(GRID_COLUMNS * 1.75, rows * 1.9 + 0.7), layout="constrained")
@@ -132,33 +162,73 @@ def misclassified_png(
         ax.imshow(images[i], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(f"{classes[labels[i]]} → {classes[pred[i]]} ({conf[i]:.0%})", fontsize=9)
     fig.suptitle(
-        f"{title}: the {shown.size} most confident of {wrong.size} mistakes "
-        f"({wrong.size / labels.size:.1%} of {labels.size})\ntrue → predicted (confidence)",
+        f"Misclassified {split} faces of the {model_label}: the {shown.size} most confident of {wrong.size} "
+        f"mistakes ({wrong.size / labels.size:.1%} of {labels.size})\ntrue → predicted (confidence)",
         fontsize=12,
     )
-    return _png(fig)
+    return Plot(_png(fig))
 
 
-def search_history_png(study: optuna.Study, val_split: str) -> bytes:
+def search_history_plot(study: optuna.Study, val_split: str) -> Plot:
+    """Optuna's optimization history, on whole trial numbers."""
     complete, total = _count_complete(study), len(study.get_trials(deepcopy=False))
-    title = f"Search history: best {val_split} accuracy of each complete trial ({complete} of {_count(total, 'trial')})"
     if complete == 0:
-        return _note_png(
-            title, f"the search history needs at least 1 complete trial; this study has 0 (of {_count(total, 'trial')})"
-        )
-    return _optuna_png("plot_optimization_history", study, f"{val_split} accuracy", title)
+        return Plot(None, f"The search history is left out: no complete trial yet (of {_count(total, 'trial')}).")
+    target = f"{val_split} accuracy"
+    return _optuna_plot(
+        lambda plots: _whole_trials(plots.plot_optimization_history(study, target_name=target)),
+        study,
+        f"Search history: best {target} of each complete trial ({complete} of {_count(total, 'trial')})",
+        "The search history is left out: Optuna could not draw it",
+    )
 
 
-def param_importances_png(study: optuna.Study, val_split: str) -> bytes:
-    complete = _count_complete(study)
-    title = f"Parameter importances for {val_split} accuracy ({_count(complete, 'complete trial')})"
-    if complete < MIN_TRIALS_FOR_IMPORTANCES:
-        return _note_png(
-            title,
-            f"parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCES} complete trials; "
-            f"this study has {complete}",
+def _whole_trials(ax: Axes) -> Axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are numbered: no tick at trial 0.5
+    return ax
+
+
+def param_importances_plot(study: optuna.Study, val_split: str) -> Plot:
+    """Optuna's parameter importances; where they would mean nothing, the sentence that says why instead."""
+    reason = _no_importances_reason(study, val_split)
+    if reason is not None:
+        return Plot(None, f"Parameter importances are left out: {reason}.")
+    target = f"{val_split} accuracy"
+    return _optuna_plot(
+        # No target: Optuna then takes the study's direction (with one, its evaluator favours low values),
+        # and labels the bars with the study's metric name (val_acc) rather than target_name.
+        lambda plots: plots.plot_param_importances(study, target_name=target),
+        study,
+        f"Parameter importances for {target} ({_count(_count_complete(study), 'complete trial')})",
+        "Parameter importances are left out: Optuna could not draw them",
+    )
+
+
+def _no_importances_reason(study: optuna.Study, val_split: str) -> str | None:
+    """Why Optuna's importances of `study` cannot be estimated; None where they can."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < FEW_COMPLETE_TRIALS:
+        return (
+            f"they need at least {FEW_COMPLETE_TRIALS} complete trials (Optuna's estimate contrasts the best tenth "
+            f"of them with all of them) and this study has {len(complete)}"
         )
-    return _optuna_png("plot_param_importances", study, f"{val_split} accuracy", title)
+    if len({tuple(t.values) for t in complete}) == 1:
+        return (
+            f"every complete trial scored the same {val_split} accuracy ({complete[0].values[0]:.2%}), "
+            f"so no parameter explains a difference"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the plot drawn next gives the same warnings, and the page says them
+            importances = optuna.importance.get_param_importances(study)
+    except ValueError as error:  # Optuna's answer to a study it cannot assess (e.g. multi-objective)
+        return f"Optuna could not estimate them ({error})"
+    if len(set(importances.values())) <= 1:
+        return (
+            f"Optuna's estimate gives each of the {_count(len(importances), 'parameter')} the same importance: "
+            f"none explains the differences between trials"
+        )
+    return None
 
 
 def _count(n: int, noun: str) -> str:
@@ -170,52 +240,43 @@ def _count_complete(study: optuna.Study) -> int:
 
 
 def _few_trials_note(study: optuna.Study) -> str | None:
-    """What a reader of either Optuna plot must know when it rests on few trials; None when it does not."""
+    """What a reader of the search history must know when it rests on few trials; None when it does not."""
     complete = _count_complete(study)
     if complete >= FEW_COMPLETE_TRIALS:
         return None
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.get_trials(deepcopy=False))
     return (
-        f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend "
-        f"or to trust the importances. Pruned trials ({pruned} here) are not shown, and the importances "
-        f"do not count them."
+        f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend. "
+        f"Pruned trials ({pruned} here) are not shown."
     )
 
 
-def _optuna_png(plot_name: str, study: optuna.Study, target_name: str, title: str) -> bytes:
-    """One of Optuna's matplotlib plots, retitled, its warnings drawn below it, its global side effects contained."""
+def _optuna_plot(draw: Callable[[ModuleType], Axes], study: optuna.Study, title: str, failed: str) -> Plot:
+    """What `draw` draws with Optuna's matplotlib plots, retitled, its warnings as the note (`failed` and Optuna's
+    error where it cannot draw), its side effects on matplotlib contained."""
     matplotlib.use("Agg")  # Optuna draws through pyplot, which must never look for a display
     from matplotlib import pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     # The plots switch pyplot to the ggplot style for good: keep that inside this block, and save in it,
-    # since savefig reads the style too. Their UserWarnings (PedANOVA's "may be inaccurate" on few trials)
-    # are recorded, not printed: the figure says what they mean.
+    # since savefig reads the style too. Their UserWarnings (PedANOVA's "may be inaccurate") are
+    # recorded, not printed: the page says them.
     with matplotlib.rc_context(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            ax = getattr(optuna_plots, plot_name)(study, target_name=target_name)
+            ax = draw(optuna_plots)
         except ValueError as error:  # Optuna's answer to a study it cannot plot (e.g. multi-objective)
-            return _note_png(title, f"Optuna could not draw this plot: {error}")
+            return Plot(None, f"{failed} ({error}).")
+        fig = ax.get_figure(root=True)
+        assert fig is not None  # Optuna draws its axes in a pyplot figure
         try:
             ax.set_title("", loc="left")  # Optuna titles some plots on the left, others in the centre
             ax.set_title(title, fontsize=10)
             note = _few_trials_note(study) or _warnings_note([w for w in caught if issubclass(w.category, UserWarning)])
-            if note is not None:
-                # Below the figure, never over the bars or points; bbox_inches="tight" makes room for it.
-                ax.get_figure().text(
-                    0.5,
-                    0,
-                    textwrap.fill(note, 100),
-                    ha="center",
-                    va="top",
-                    fontsize=10,
-                    bbox={"facecolor": "white", "edgecolor": "0.6"},
-                )
-            return _png(ax.get_figure())
+            return Plot(_png(fig), note)
         finally:
-            plt.close(ax.get_figure())
+            plt.close(fig)
 
 
 def _warnings_note(caught: list[warnings.WarningMessage]) -> str | None:
@@ -225,16 +286,6 @@ def _warnings_note(caught: list[warnings.WarningMessage]) -> str | None:
         return None
     more = f" (and {len(messages) - MAX_WARNINGS_SHOWN} more)" if len(messages) > MAX_WARNINGS_SHOWN else ""
     return "Optuna warns: " + " ".join(messages[:MAX_WARNINGS_SHOWN]) + more
-
-
-def _note_png(title: str, note: str) -> bytes:
-    """A figure that says why there is no plot, so the report never lacks a file."""
-    fig = Figure(figsize=(8, 3), layout="constrained")
-    ax = fig.subplots()
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    ax.text(0.5, 0.5, textwrap.fill(note, 90), ha="center", va="center", fontsize=12, transform=ax.transAxes)
-    return _png(fig)
 
 
 def _png(fig: Figure) -> bytes:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import torch
 from fer_search.config import Config
 from fer_search.data import CLASSES, FerData, SplitData, load_configured
 from fer_search.errors import Crashed, UserError, first_line
+from fer_search.export import attach_final_files
 from fer_search.files import made_folder, sha256_json, write_file
 from fer_search.metrics import classification_report
 from fer_search.model import BASELINE, TrialParams
@@ -32,6 +34,7 @@ from fer_search.processes import (
     stop_on_interrupt,
     stop_processes,
 )
+from fer_search.progress import FinalizeFn, FinalizePlan, SeedEpoch
 from fer_search.report import write_reports
 from fer_search.results import (
     REPORTED_BASELINE,
@@ -55,7 +58,7 @@ from fer_search.train import TrainSettings, configure_cpu_threads, field_of, of_
 STORED_WEIGHTS = "compact_state"
 RESUME_FILE = "resume file"  # how a resume file's errors name it
 
-Say = Callable[[str], None]
+Say = FinalizeFn  # finalize's notes (str) and progress events, to the CLI's display or a child's queue
 RunAndState = tuple[SeedRun, dict[str, torch.Tensor]]
 T = TypeVar("T")
 
@@ -78,6 +81,7 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
 
     `command` is the command line of this finalize, recorded so that the report says how to reproduce it.
     """
+    started = datetime.now().astimezone()  # the report says how long finalize took
     study = load_existing_study(config.study.storage, config.study.name)
     best = best_trial_of(study)
     device = resolve_device(config.run.device)
@@ -127,7 +131,8 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     baseline_same_seed = next((r for r, _ in baseline_runs if r.seed == shipped.seed), None)
     test = _test_split(data)
     finalized = Finalized(metrics, shipped, baseline_same_seed, test.x[:, 0].numpy(), test.y.numpy(), CLASSES, study)
-    written = write_reports(out, finalized)
+    written = write_reports(out, finalized, finalize_started=started)
+    attach_final_files(study, config.study.artifacts, out)  # for optuna-dashboard; a failure only warns
     return summary_text(metrics, out, [out / "model.pt", out / "metrics.json", *written])
 
 
@@ -196,6 +201,7 @@ def retrain(
             say(f"{job.label}: reusing the finished run in {path}")
             found[job] = cached
     todo = [job for job in jobs if job not in found]
+    say(FinalizePlan(len(todo) * epochs))
     if config.finalize.jobs == 1:
         configure_cpu_threads(1)
         for job in todo:
@@ -239,7 +245,7 @@ def _trained_seed(job: SeedJob, epochs: int, data: FerData, device: torch.device
     """The seed's weights as model.pt stores them (rounded), its best epoch, validation accuracy and history."""
 
     def on_epoch(record: Any, _checkpoint: Any) -> None:
-        say(f"{job.label}: epoch {record.epoch}/{epochs} val_acc {record.val_acc:.4f}")
+        say(SeedEpoch(job.label, record.epoch, epochs, record.val_acc))
 
     result = train_model(
         job.params, data, TrainSettings(epochs=epochs, seed=job.seed, device=device), on_epoch=on_epoch

@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import optuna
 import torch
@@ -19,8 +18,9 @@ from fer_search.data import FerData
 from fer_search.errors import first_line
 from fer_search.files import seed_of
 from fer_search.model import TrialParams
+from fer_search.progress import Progress, ProgressFn, accuracy_text, cpu_estimate_text, duration_text, params_text
 from fer_search.space import suggest_params
-from fer_search.status import best_value
+from fer_search.status import best_value, count_trials, retried_from
 from fer_search.storage import open_artifact_store
 from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainSettings, train_model
 
@@ -29,23 +29,6 @@ log = logging.getLogger("fer_search")
 STARTED = "started_as"
 # User attribute: why the objective itself ended its trial (out of memory, diverged); such a trial gets no retry.
 FAIL_REASON = "fail_reason"
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One event for the live display: a trial's epoch ended, or the trial ended."""
-
-    worker: int
-    trial: int
-    epoch: int
-    epochs: int
-    val_acc: float
-    best: float | None
-    state: str = "RUNNING"  # or the finished trial's state name
-
-
-# Gets each Progress event, and the log lines to show above the live progress lines (str).
-ProgressFn = Callable[[Progress | str], None]
 
 
 def trial_seed(base_seed: int, number: int) -> int:
@@ -69,6 +52,7 @@ class Objective:
         self.progress = progress
         self.store = open_artifact_store(config.study.artifacts)
         self.current: int | None = None  # the running trial's number, for Ctrl-C
+        self.estimated = worker != 0  # worker 0 alone says what the first epoch on a CPU tells of the study's length
         self.failed_elsewhere = False  # the storage refused an update: another worker failed the trial
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -89,7 +73,9 @@ class Objective:
             trial.set_user_attr(key, value)
         inherited = inherited_checkpoints(trial)
         resume = self._latest_checkpoint(trial, params, inherited)
-        trial.set_user_attr("resumed_at_epoch", 1 if resume is None else len(resume.history) + 1)
+        done = 0 if resume is None else len(resume.history)
+        trial.set_user_attr("resumed_at_epoch", done + 1)
+        self._tell_start(trial, params, done)
         for r in resume.history if resume is not None else ():  # its curve is the one it trained, resumed or not
             trial.report(r.val_acc, r.epoch)
         state = _TrialState(trial, self, params, time.monotonic(), inherited)
@@ -117,6 +103,43 @@ class Objective:
         trial.set_user_attr("best_epoch", result.best_epoch)
         return result.best_val_acc
 
+    def _tell_start(self, trial: optuna.Trial, params: TrialParams, epochs_done: int) -> None:
+        """The trial's first log line, and its bar's start on a terminal."""
+        continued = retried_from(trial.storage.get_trial(trial._trial_id))  # a live Trial has no system attrs
+        how = "started" if continued is None else f"continues trial {continued}"
+        at = f" at epoch {epochs_done + 1}" if epochs_done else ""
+        log.info(
+            "trial %d%s %s%s on %s (worker %d): %s",
+            trial.number,
+            " (baseline)" if trial.user_attrs.get("baseline") else "",
+            how,
+            at,
+            self.device,
+            self.worker,
+            params_text(params.to_dict()),
+        )
+        if self.progress:
+            self.progress(
+                Progress(
+                    self.worker,
+                    trial.number,
+                    epochs_done,
+                    self.config.run.epochs,
+                    float("nan"),
+                    best_value(trial.study),
+                    "STARTED",
+                )
+            )
+
+    def estimate_study(self, trial: optuna.Trial, epoch_s: float) -> None:
+        """Once, on the CPU: how long the study may take, at the pace of this first epoch."""
+        if self.estimated or self.device.type != "cpu":
+            return
+        self.estimated = True
+        run = self.config.run
+        left = max(1, run.trials - count_trials(trial.study).finished)
+        log.info("%s", cpu_estimate_text(epoch_s, run.epochs, left, run.workers))
+
     def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams, inherited: list[str]) -> Checkpoint | None:
         """The newest loadable checkpoint among `inherited` (newest first); None = epoch 1."""
         for artifact_id in inherited:
@@ -134,7 +157,6 @@ class Objective:
                 )
                 continue
             if resumes:
-                log.info("trial %d resumes from epoch %d", trial.number, len(ckpt.history))
                 return ckpt
         if inherited:
             log.warning("trial %d: no usable checkpoint, starting from epoch 1", trial.number)
@@ -174,6 +196,16 @@ class _TrialState:
         ):
             self._save(checkpoint(), record.epoch)
         trial.report(record.val_acc, record.epoch)
+        log.debug(
+            "trial %d (worker %d) epoch %d/%d: val_acc %s in %s",
+            trial.number,
+            self.objective.worker,
+            record.epoch,
+            config.run.epochs,
+            accuracy_text(record.val_acc),
+            duration_text(record.seconds),
+        )
+        self.objective.estimate_study(trial, record.seconds)
         if self.objective.progress:
             self.objective.progress(
                 Progress(

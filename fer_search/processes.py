@@ -107,12 +107,13 @@ def spawn_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def run_child(label: str, queue: Any, work: Callable[[], None]) -> None:
-    """Run a child's `work`; its user error or crash goes to the parent's queue, and its exit code says which.
+def run_child(label: str, queue: Any, work: Callable[[], None], level: int = logging.INFO) -> None:
+    """Run a child's `work`, logging at `level` (its parent's: see errors.log_level); its user error or crash
+    goes to the parent's queue, and its exit code says which.
 
     SIGTERM and the parent's death (by any signal, SIGKILL included) stop it as Ctrl-C does.
     """
-    configure_logging()
+    configure_logging(level)
     try:
         with sigterm_interrupts():
             if hasattr(signal, "pthread_sigmask"):  # blocked by a parent that started it in signals_deferred

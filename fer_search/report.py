@@ -5,50 +5,75 @@ from __future__ import annotations
 import base64
 import html
 from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
-from fer_search.figures import report_figures, run_label, shown_runs
+from fer_search.figures import (
+    FIGURE_NAMES,
+    Plot,
+    best_is_baseline,
+    compared_baseline,
+    report_figures,
+    run_label,
+    shown_runs,
+)
 from fer_search.files import write_file
 from fer_search.metrics import ClassScores
 from fer_search.model import BASELINE, TrialParams
-from fer_search.results import BestTrial, Finalized, FinalMetrics, SeedRun
+from fer_search.results import BestTrial, Finalized, FinalMetrics
 from fer_search.tables import (
+    duration_text,
     epoch_accs_json,
     percent,
     recalls_precisions_text,
     retrained,
+    same_runs_text,
     seeds_text,
     spread_text,
     summary_rows,
     three_places,
 )
 
+TOP_TRIALS = 10  # complete trials listed, best first
+TIME = "%Y-%m-%d %H:%M"
 
-def write_reports(out: Path, f: Finalized) -> list[Path]:
-    """Write the reports into `out`, each atomically; the paths written, report.html last."""
+
+def write_reports(out: Path, f: Finalized, finalize_started: datetime | None = None) -> list[Path]:
+    """Write the reports into `out`, each atomically; the paths written, report.html last.
+
+    `finalize_started`, when given, is when this finalize began: the page gives its duration."""
     figures = report_figures(f)
+    pngs = {name: plot.png for name, plot in figures.items() if plot.png is not None}
+    text = recalls_precisions_text(f.metrics, f.shipped, compared_baseline(f), f.classes)
     files = {
         "epoch_accs.json": epoch_accs_json(f.shipped, f.baseline).encode(),
-        "recalls_precisions.txt": recalls_precisions_text(f.metrics, f.shipped, f.baseline, f.classes).encode(),
-        **figures,
-        "report.html": report_html(f.metrics, f.shipped, f.baseline, f.classes, f.study, figures).encode(),
+        "recalls_precisions.txt": text.encode(),
+        **pngs,
+        "report.html": report_html(f, figures, datetime.now().astimezone(), finalize_started).encode(),
     }
     for name, content in files.items():  # write_file creates `out`
         write_file(out / name, content)
+    for name in FIGURE_NAMES:
+        if name not in pngs:  # a figure an earlier finalize drew, which this study's page leaves out
+            (out / name).unlink(missing_ok=True)
     return [out / name for name in files]
 
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-top: 1.5em; }
 table { border-collapse: collapse; margin: 0.8em 0; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }
+th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f0f0f0; }
 .headline td { font-size: 1.25em; }
+table.trials { font-size: 0.8em; display: block; overflow-x: auto; }
+table.trials th, table.trials td { padding: 0.2em 0.3em; } table.trials td { white-space: nowrap; }
 .note { color: #555; font-size: 0.95em; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: 0.9em; }
@@ -56,15 +81,19 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 """
 
 
-def report_html(
-    metrics: FinalMetrics,
-    shipped: SeedRun,
-    baseline: SeedRun | None,
-    classes: tuple[str, ...],
-    study: optuna.Study,
-    figures: dict[str, bytes],
-) -> str:
+@dataclass(frozen=True)
+class Num:
+    """A table cell holding a number: right-aligned, where text is left-aligned, so that digits line up."""
+
+    text: str
+
+
+Cell = str | Num
+
+
+def report_html(f: Finalized, figures: dict[str, Plot], written_at: datetime, finalize_started: datetime | None) -> str:
     """One page, every figure inlined: opens offline and can be mailed as it is."""
+    metrics, study, baseline = f.metrics, f.study, compared_baseline(f)
     protocol, best = metrics.protocol, metrics.best_trial
     test = protocol.test
     sections = [
@@ -73,6 +102,7 @@ def report_html(
             f"Trained on {protocol.train}; {protocol.val} chose the epoch, the shipped seed and the trial; "
             f"{protocol.test} is the held-out test split."
         ),
+        _p(_when_text(study, written_at, finalize_started)),
         "<h2>Headline</h2>",
         _headline_html(metrics),
         "<h2>Per-seed results</h2>",
@@ -81,20 +111,23 @@ def report_html(
             figures,
             "performance.png",
             "Training and validation curves of the shipped seed"
-            + ("" if baseline is None else " and the baseline's run of the same seed"),
+            + ("" if baseline is None else " (solid) and of the baseline's run of the same seed (dashed)"),
         ),
         f"<h2>{_e(f'Per-expression results on {test}')}</h2>",
-        _per_class_html(shipped, baseline, classes),
+        _per_class_html(f),
         _figure_html(figures, "confusion.png", f"Confusion matrix of the shipped model on {test}"),
         _figure_html(figures, "misclassified.png", f"The shipped model's most confident mistakes on {test}"),
         "<h2>Configurations</h2>",
         _p(
             f"Best trial #{best.number}: {protocol.val} accuracy {percent(best.value)} during the search. "
             + _baseline_trial_text(study, protocol.val)
+            + (" The best trial has the baseline's configuration." if best_is_baseline(metrics) else "")
         ),
         _params_html(best.params),
         "<h2>Search</h2>",
         _search_html(study, best),
+        f"<h3>{_e(f'The best complete trials by {protocol.val} accuracy')}</h3>",
+        _top_trials_html(study, protocol.val),
         _figure_html(figures, "search_history.png", "Optuna's optimization history (complete trials only)"),
         _figure_html(figures, "param_importances.png", "Optuna's parameter importances"),
         "<h2>Reproduce</h2>",
@@ -103,9 +136,33 @@ def report_html(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_e(f'fer-search report: {study.study_name}')}</title><style>{CSS}</style></head>\n<body>\n"
-        + "\n".join(sections)
+        + "\n".join(s for s in sections if s)
         + "\n</body></html>\n"
     )
+
+
+def _when_text(study: optuna.Study, written_at: datetime, finalize_started: datetime | None) -> str:
+    """When the page was written, when the search ran and how long it took, how long finalize took."""
+    parts = [f"Report written {written_at.strftime(TIME + ' %Z')}."]
+    spans = [span for t in study.get_trials(deepcopy=False) if (span := _trial_span(t)) is not None]
+    if spans:
+        first, last = min(start for start, _ in spans), max(end for _, end in spans)
+        training = sum((end - start).total_seconds() for start, end in spans)
+        parts.append(
+            f"The search ran from {first.strftime(TIME)} to {last.strftime(TIME)} (its workers' clocks): "
+            f"{duration_text((last - first).total_seconds())} wall clock; its {len(spans)} finished trials took "
+            f"{duration_text(training)} in all."
+        )
+    if finalize_started is not None:
+        parts.append(f"Finalize took {duration_text((written_at - finalize_started.astimezone()).total_seconds())}.")
+    return " ".join(parts)
+
+
+def _trial_span(trial: FrozenTrial) -> tuple[datetime, datetime] | None:
+    """When a finished trial started and ended; None for one that has not ended."""
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return trial.datetime_start, trial.datetime_complete
 
 
 def _headline_html(metrics: FinalMetrics) -> str:
@@ -116,13 +173,10 @@ def _headline_html(metrics: FinalMetrics) -> str:
         f"{protocol.test} macro-F1",
         f"test_all accuracy: {protocol.test_all}",
     ]
-    retrained = "The best trial and the baseline were" if metrics.baseline is not None else "The best trial was"
     parts = [
-        _p(f"{retrained} retrained here under the same protocol, with seeds {seeds_text(metrics)}."),
-        _table(header, summary_rows(metrics), "headline"),
+        _p(_retrained_text(metrics)),
+        _table(header, [_label_and_numbers(row) for row in summary_rows(metrics)], "headline"),
     ]
-    if metrics.baseline is None:
-        parts.append(_p("The baseline was not retrained (finalize ran with --no-baseline)."))
     if protocol.val in protocol.test_all:
         parts.append(
             _p(
@@ -142,6 +196,19 @@ def _headline_html(metrics: FinalMetrics) -> str:
     return "\n".join(parts)
 
 
+def _retrained_text(metrics: FinalMetrics) -> str:
+    """What was retrained, with which seeds; plainly, where the best trial and the baseline are one configuration."""
+    seeds = seeds_text(metrics)
+    if metrics.baseline is None:
+        return (
+            f"The best trial was retrained here with seeds {seeds}. "
+            f"The baseline was not retrained (finalize ran with --no-baseline)."
+        )
+    if best_is_baseline(metrics):
+        return f"The best trial was retrained here with seeds {seeds}. {same_runs_text(metrics)}"
+    return f"The best trial and the baseline were retrained here under the same protocol, with seeds {seeds}."
+
+
 def _per_seed_html(metrics: FinalMetrics) -> str:
     protocol = metrics.protocol
     header = [
@@ -153,26 +220,26 @@ def _per_seed_html(metrics: FinalMetrics) -> str:
         f"{protocol.test} macro-F1",
         "test_all accuracy",
     ]
-    rows = []
+    rows: list[list[Cell]] = []
     for kind, name, agg in retrained(metrics):
         for seed, r in agg.per_seed.items():
             shipped = " (shipped)" if kind == "best" and int(seed) == metrics.shipped_seed else ""
             rows.append(
                 [
                     name + shipped,
-                    seed,
-                    str(r.best_epoch),
-                    percent(r.val_acc),
-                    percent(r.private_test.accuracy),
-                    three_places(r.private_test.macro_f1),
-                    percent(r.test_all.accuracy),
+                    Num(seed),
+                    Num(str(r.best_epoch)),
+                    Num(percent(r.val_acc)),
+                    Num(percent(r.private_test.accuracy)),
+                    Num(three_places(r.private_test.macro_f1)),
+                    Num(percent(r.test_all.accuracy)),
                 ]
             )
     return _table(header, rows)
 
 
-def _per_class_html(shipped: SeedRun, baseline: SeedRun | None, classes: tuple[str, ...]) -> str:
-    runs = shown_runs(shipped, baseline)
+def _per_class_html(f: Finalized) -> str:
+    runs = shown_runs(f.shipped, compared_baseline(f))
     header = [
         "expression",
         *(f"{run_label(run)} {m}" for run in runs for m in ("precision", "recall", "F1")),
@@ -182,11 +249,11 @@ def _per_class_html(shipped: SeedRun, baseline: SeedRun | None, classes: tuple[s
         [
             c,
             *(three_places(v) for run in runs for v in _scores(run.private_test.per_class[c])),
-            str(shipped.private_test.per_class[c].support),
+            str(f.shipped.private_test.per_class[c].support),
         ]
-        for c in classes
+        for c in f.classes
     ]
-    return _table(header, rows)
+    return _table(header, [_label_and_numbers(row) for row in rows])
 
 
 def _scores(scores: ClassScores) -> tuple[float, float, float]:
@@ -194,7 +261,7 @@ def _scores(scores: ClassScores) -> tuple[float, float, float]:
 
 
 def _baseline_trial_text(study: optuna.Study, val_split: str) -> str:
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
     if baseline is None or baseline.value is None:  # a complete trial has its value: None only to the type checker
         return "The baseline has no complete trial in this study."
@@ -207,19 +274,69 @@ def _params_html(best: TrialParams) -> str:
     return _table(["parameter", "best trial", "baseline (documented configuration)"], rows)
 
 
-def _param(value: Any) -> str:
+def _param(value: Any, unused: str = "— (unused)") -> Cell:
+    """A parameter's value as a cell: numbers right-aligned, words (choices, `unused`) left."""
     if value is None:
-        return "— (unused)"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        return unused
+    if isinstance(value, float):
+        return Num(f"{value:.3g}")  # the exact values are in metrics.json and the study
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Num(str(value))
+    return str(value)
 
 
 def _search_html(study: optuna.Study, best: BestTrial) -> str:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
-    rows = [[state.name, str(states[state.name])] for state in optuna.trial.TrialState]
-    return _p(f"{len(trials)} trials; best value {best.value:.4f} (trial #{best.number}).") + _table(
+    rows: list[list[Cell]] = [[state.name, Num(str(states[state.name]))] for state in TrialState]
+    return _p(f"{len(trials)} trials; best value {percent(best.value)} (trial #{best.number}).") + _table(
         ["state", "trials"], rows
     )
+
+
+def _top_trials_html(study: optuna.Study, val_split: str) -> str:
+    """The best complete trials: accuracy, epochs, duration, and the parameters in which they differ."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return _p("No trial has completed.")
+    top = sorted(complete, key=lambda t: (-_objective(t), t.number))[:TOP_TRIALS]
+    params = [t.user_attrs.get("trial_params", t.params) for t in top]
+    names = list(dict.fromkeys(name for p in params for name in p))
+    differing = [n for n in names if len({repr(p.get(n)) for p in params}) > 1]
+    # A zero-width space after each underscore lets a long parameter name wrap there, not widen the table.
+    header = ["trial", f"{val_split} accuracy", "best epoch", "epochs run", "minutes"]
+    header += [n.replace("_", "_\u200b") for n in differing]
+    rows = [
+        [
+            f"#{t.number}" + (" (baseline)" if t.user_attrs.get("baseline") else ""),
+            Num(percent(_objective(t))),
+            _attr_cell(t, "best_epoch"),
+            _attr_cell(t, "epochs_run"),
+            _minutes_cell(t),
+            *(_param(p.get(n), unused="—") for n in differing),
+        ]
+        for t, p in zip(top, params)
+    ]
+    same = [f"{n} {_cell_text(_param(params[0].get(n)))}" for n in names if n not in differing]
+    intro = f"The {len(top)} best of {len(complete)} complete trials, and the parameters in which they differ."
+    note = "— marks a parameter the trial does not use." + (f" Same in all of them: {', '.join(same)}." if same else "")
+    return _p(intro) + _table(header, rows, "trials") + _p(note, "note")
+
+
+def _objective(trial: FrozenTrial) -> float:
+    """A complete trial's validation accuracy (the first objective of a study with more than one)."""
+    return trial.values[0]
+
+
+def _attr_cell(trial: FrozenTrial, name: str) -> Cell:
+    value = trial.user_attrs.get(name)
+    return "—" if value is None else Num(str(value))
+
+
+def _minutes_cell(trial: FrozenTrial) -> Cell:
+    """How long the trial ran, in minutes: one unit down the column, so that trials compare at a glance."""
+    span = _trial_span(trial)
+    return "—" if span is None else Num(f"{(span[1] - span[0]).total_seconds() / 60:.1f}")
 
 
 def _reproduce_html(metrics: FinalMetrics) -> str:
@@ -237,19 +354,41 @@ def _reproduce_html(metrics: FinalMetrics) -> str:
     return _p("Commands:") + f"<pre>{_e(listing)}</pre>" + _table(["", "value"], provenance)
 
 
-def _figure_html(figures: dict[str, bytes], name: str, caption: str) -> str:
-    data = base64.b64encode(figures[name]).decode("ascii")
+def _figure_html(figures: dict[str, Plot], name: str, caption: str) -> str:
+    """The figure inlined with its caption, and its note below; only the note where there is no figure."""
+    plot = figures[name]
+    note = "" if plot.note is None else _p(plot.note, "note")
+    if plot.png is None:
+        return note
+    data = base64.b64encode(plot.png).decode("ascii")
     return (
         f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
-        f"<figcaption>{_e(f'{name}: {caption}')}</figcaption></figure>"
+        f"<figcaption>{_e(f'{name}: {caption}')}</figcaption></figure>" + note
     )
 
 
-def _table(header: list[str], rows: list[list[str]], css_class: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+def _label_and_numbers(row: list[str]) -> list[Cell]:
+    return [row[0], *(Num(c) for c in row[1:])]
+
+
+def _table(header: list[str], rows: list[list[Cell]] | list[list[str]], css_class: str = "") -> str:
+    """Text cells left-aligned, Num cells right-aligned, as is the heading of a column of numbers."""
+    numeric = [bool(rows) and all(isinstance(row[i], Num) for row in rows) for i in range(len(header))]
+    head = "".join(f"<th{_num_class(n)}>{_e(h)}</th>" for h, n in zip(header, numeric))
+    body = "".join(
+        "<tr>" + "".join(f"<td{_num_class(isinstance(c, Num))}>{_e(_cell_text(c))}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
     attr = f' class="{_e(css_class)}"' if css_class else ""
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _num_class(numeric: bool) -> str:
+    return ' class="num"' if numeric else ""
+
+
+def _cell_text(cell: Cell) -> str:
+    return cell.text if isinstance(cell, Num) else cell
 
 
 def _p(text: str, css_class: str = "") -> str:

@@ -15,8 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config
 from fer_search.data import load_configured
-from fer_search.errors import Crashed, UserError, first_line, logging_to
-from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory, Progress, ProgressFn
+from fer_search.errors import Crashed, UserError, first_line, log_level, logging_to
+from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory
 from fer_search.processes import (
     ChildError,
     ended_interrupted,
@@ -28,6 +28,7 @@ from fer_search.processes import (
     stop_on_interrupt,
     stop_processes,
 )
+from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text, duration_text, params_text
 from fer_search.status import best_value, count_trials, study_status
 from fer_search.storage import Heartbeat, disk_full_error, opened_storage
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
@@ -76,6 +77,8 @@ def run_worker(
             command,
         )
         retry = storage.get_heartbeat_stale_trial_callback()
+        if progress is not None:
+            progress(StudyCount(count_trials(study).finished, run.trials))
         return _take_trials(study, Objective(config, data, device, worker_index, progress), progress, retry)
 
 
@@ -115,7 +118,8 @@ def _take_trials(
                     raise
                 log.warning("trial %s was failed as stale by another worker; its retry takes over", objective.current)
             number, objective.current = objective.current, None  # ended: Ctrl-C must not requeue it
-            _report_end(study, objective, number, progress)
+            if number is not None:
+                _tell_end(study, objective, trial_numbered(study, number), progress)
     except (KeyboardInterrupt, _Stopped) as e:
         cause = e.cause if isinstance(e, _Stopped) else e
         with signals_held():  # a second Ctrl-C or SIGTERM must not cut the saving short
@@ -204,7 +208,7 @@ class OrphanWatch:
                 study.tell(number, state=TrialState.FAIL)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # another worker was first
-            log.warning("trial %d never started (its worker died before training it); retrying it", number)
+            log.warning("trial %d never started: its worker died before training it", number)
             if self.retry is not None:
                 self.retry(study, trial_numbered(study, number))
 
@@ -244,21 +248,52 @@ class RetryWatch:
         return pending
 
 
-def _report_end(study: optuna.Study, objective: Objective, number: int | None, progress: ProgressFn | None) -> None:
-    if progress is None or number is None:
+def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, progress: ProgressFn | None) -> None:
+    """The ended trial's log line, and its events for the live display."""
+    log.info("%s", ended_text(trial, objective.worker, objective.config.run.epochs, _best_trial(study)))
+    if progress is None:
         return
-    t = trial_numbered(study, number)
+    value = trial.value if trial.value is not None else float("nan")
+    epochs = trial.user_attrs.get("epochs_run", 0)
     progress(
         Progress(
             objective.worker,
-            t.number,
-            t.user_attrs.get("epochs_run", 0),
+            trial.number,
+            epochs,
             objective.config.run.epochs,
-            t.value if t.value is not None else float("nan"),
+            value,
             best_value(study),
-            t.state.name,
+            trial.state.name,
         )
     )
+    progress(StudyCount(count_trials(study).finished, objective.config.run.trials))
+
+
+def ended_text(trial: FrozenTrial, worker: int, epochs: int, best: FrozenTrial | None) -> str:
+    """A trial's last log line: how it ended, its value, the study's best so far, its duration and parameters."""
+    run = trial.user_attrs.get("epochs_run", 0)
+    if trial.state == TrialState.COMPLETE:
+        how = f"complete: val_acc {accuracy_text(trial.value)} at epoch {trial.user_attrs.get('best_epoch')}"
+    elif trial.state == TrialState.PRUNED:
+        how = f"pruned after epoch {run} of {epochs}: val_acc {accuracy_text(trial.value)}"
+    else:
+        how = f"failed after {run} epochs: {trial.user_attrs.get(FAIL_REASON, 'see the lines above')}"
+    took = (
+        duration_text((trial.datetime_complete - trial.datetime_start).total_seconds())
+        if trial.datetime_complete and trial.datetime_start
+        else "-"
+    )
+    so_far = "no trial complete yet" if best is None else f"{accuracy_text(best.value)} (trial {best.number})"
+    params = params_text(trial.user_attrs.get("trial_params", trial.params))
+    who = f"baseline, worker {worker}" if trial.user_attrs.get("baseline") else f"worker {worker}"
+    return f"trial {trial.number} ({who}) {how}; best so far {so_far}; took {took}; {params}"
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no trial complete yet
+        return None
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> bool:
@@ -276,6 +311,7 @@ def requeue_interrupted(study: optuna.Study, number: int | None) -> bool:
         study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "resumed_from": number})
         if trial.state == TrialState.RUNNING:
             study.tell(number, state=TrialState.FAIL)
+        log.info("trial %d interrupted: queued again, to continue from its last checkpoint", number)
     except Exception as e:  # the storage refused (a full disk, a lost connection): never a traceback here
         log.warning("trial %d could not be queued again (%s); a later run retries it as stale", number, first_line(e))
         return False
@@ -300,7 +336,7 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
     ctx = spawn_context()
     queue = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None), daemon=False)
+        ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None, log_level()), daemon=False)
         for i in range(k)
     ]
     with signals_deferred():  # each imports torch with Ctrl-C held back, until run_child
@@ -343,11 +379,11 @@ def _discarding(queue: Any) -> Callable[[], None]:
     return discard
 
 
-def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool) -> None:
+def _worker_process(config: Config, index: int, k: int, queue: Any, live: bool, level: int) -> None:
     """Entry point of a local worker process; exit codes follow the CLI's (2 bad input, 130 Ctrl-C, 143 SIGTERM)."""
 
     def work() -> None:
         with logging_to(queue.put if live else None):  # live, the parent prints the log lines above its progress lines
             run_worker(config, index, k, queue.put if live else None)
 
-    run_child(f"worker {index}", queue, work)
+    run_child(f"worker {index}", queue, work, level)

@@ -1,19 +1,22 @@
-"""What a study holds, at a glance: the `status` document. Imports no torch, so `status` starts fast."""
+"""What studies hold, at a glance: the `status` and `studies` documents. Imports no torch, so both start fast."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def study_status(study: optuna.Study) -> dict[str, Any]:
-    """The `status --json` document: trials by state, the best trial, the baseline, training time."""
+def study_status(study: optuna.Study, now: datetime | None = None) -> dict[str, Any]:
+    """The `status --json` document: trials by state, the best trial, the baseline, training time
+    (`seconds`, the running trials' time so far, `running_seconds`, included) as of `now` (default: now)."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name: 0 for s in TrialState}
     for t in trials:
@@ -28,6 +31,7 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
         for t in trials
         if t.datetime_complete and t.datetime_start
     )
+    running = running_seconds(trials, datetime.now() if now is None else now)
     return {
         "study": study.study_name,
         "trials": counts,
@@ -37,8 +41,55 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
         "baseline": None
         if baseline is None
         else {"number": baseline.number, "value": baseline.value, "state": baseline.state.name},
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds + running, 3),
+        "running_seconds": round(running, 3),
+        "baseline_excluded": bool(study.user_attrs.get("baseline_excluded", False)),
     }
+
+
+def running_seconds(trials: list[FrozenTrial], now: datetime) -> float:
+    """The running trials' time so far.
+
+    Optuna stamps datetime_start with the worker's naive local datetime.now(), so `now` must be a
+    naive local time too. A worker whose clock (or time zone) is ahead of ours would give a
+    negative time: it counts as none.
+    """
+    return sum(
+        max(0.0, (now - t.datetime_start).total_seconds())
+        for t in trials
+        if t.state == TrialState.RUNNING and t.datetime_start
+    )
+
+
+def studies_status(storage: BaseStorage) -> list[dict[str, Any]]:
+    """The `studies --json` document: every study's status document, in the storage's order (oldest first).
+
+    Each study is loaded in full rather than read from get_all_study_summaries: the summaries hold
+    no counts by state, no baseline and no training time, which need every trial anyway.
+    """
+    now = datetime.now()  # one moment for every study
+    docs = []
+    for name in optuna.study.get_all_study_names(storage):
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # deleted (optuna-dashboard can) since it was listed
+            continue
+        docs.append(study_status(study, now))
+    return docs
+
+
+def retried_from(trial: FrozenTrial) -> int | None:
+    """The trial this one took over, or None for a fresh trial.
+
+    A stale trial's retry names it last in Optuna's `retry_history` system attribute, a Ctrl-C's
+    requeue in the user attribute `resumed_from`. The history comes first: a retry copies its
+    trial's user attributes, an older `resumed_from` among them.
+    """
+    history = trial.system_attrs.get("retry_history")
+    if isinstance(history, list) and history:
+        return int(history[-1])
+    resumed = trial.user_attrs.get("resumed_from")
+    return resumed if isinstance(resumed, int) else None
 
 
 def _value(trial: FrozenTrial) -> float:

@@ -121,6 +121,31 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     return _connected(url, heartbeat)
 
 
+class LoggedRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker is gone, which says so in the log: a line per retried trial."""
+
+    def __init__(self, max_retry: int) -> None:
+        super().__init__(max_retry=max_retry)
+        self.max_retry = max_retry
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1  # this one included
+        super().__call__(study, trial)
+        if retries > self.max_retry:
+            log.warning(
+                "trial %d failed, its worker gone; not retried: it was retried %d times already (run.max_retry)",
+                trial.number,
+                self.max_retry,
+            )
+        else:
+            log.warning(
+                "trial %d failed, its worker gone; queued again (retry %d of %d) to continue from its checkpoint",
+                trial.number,
+                retries,
+                self.max_retry,
+            )
+
+
 def _connected(
     url: str, heartbeat: Heartbeat | None = None, read_only: Callable[[], sqlite3.Connection] | None = None
 ) -> RDBStorage:
@@ -132,7 +157,7 @@ def _connected(
         hb = {
             "heartbeat_interval": heartbeat.interval,
             "grace_period": heartbeat.grace_period,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
+            "heartbeat_stale_trial_callback": LoggedRetry(max_retry=heartbeat.max_retry),
         }
     # Several workers starting on an empty database race to create the tables; the loser sees
     # an integrity or "already exists" error, and the tables are there when it tries again.
@@ -222,11 +247,16 @@ def _check_url(url: str) -> None:
         parsed = sqlalchemy.engine.make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise UserError(
-            f"storage URL {url!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
-            "or postgresql://user:pass@host/db)"
+            f"storage URL {redacted(url)!r} is not a database URL (e.g. sqlite:///studies/fer2013.db "
+            "or postgresql+psycopg://user@host/db, the password in PGPASSWORD)"
         ) from None
     except ValueError:  # SQLAlchemy parses the port with int()
         raise UserError(f"storage URL {redacted(url)}: the port is not a number") from None
+    if "@" in (parsed.host or ""):
+        raise UserError(
+            f"storage URL {redacted(url)}: its password holds '@', which a URL must write %40 (or leave the password "
+            "out of the URL and set PGPASSWORD)"
+        )
     if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
         raise UserError(
             f"storage URL {redacted(url)}: unsupported database {parsed.get_backend_name()!r} "
@@ -235,7 +265,7 @@ def _check_url(url: str) -> None:
     if parsed.get_backend_name() == "sqlite" and (parsed.host or parsed.database in (None, "", ":memory:")):
         # sqlite://x.db names a host, and an in-memory database would keep nothing of the study.
         raise UserError(
-            f"storage URL {url!r}: a SQLite URL is sqlite:/// and then the file's path "
+            f"storage URL {redacted(url)!r}: a SQLite URL is sqlite:/// and then the file's path "
             "(sqlite:///studies/fer2013.db, or sqlite:////abs/path.db)"
         )
     try:
@@ -315,11 +345,25 @@ def _driver_hint(url: str) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL with its password hidden, for messages and records."""
+    """The URL with every password hidden, for messages and records: the user's and any query parameter
+    that holds one (libpq takes ?password=... and ?sslpassword=... as well)."""
     try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sqlalchemy.engine.make_url(url)
+        if "@" in (parsed.host or ""):  # a password's unescaped '@': the rest of it would show as the host
+            raise ValueError("not a URL")
+        query = {k: HIDDEN if _holds_password(k) else v for k, v in parsed.query.items()}
+        return parsed.set(query=query).render_as_string(hide_password=True).replace(quote(HIDDEN, safe=""), HIDDEN)
     except (sqlalchemy.exc.ArgumentError, ValueError):
-        return re.sub(r"//[^/]*@", "//***@", url)  # unparsable: at least no credentials (a password may hold '@')
+        # unparsable: at least no credentials (a password may hold '@'), nor a query's passwords
+        without_user = re.sub(r"^([\w+.-]*:/*)?.*@", rf"\1{HIDDEN}@", url, flags=re.S)
+        return re.sub(r"(password=)[^&]*", rf"\1{HIDDEN}", without_user, flags=re.I)
+
+
+HIDDEN = "***"
+
+
+def _holds_password(key: str) -> bool:
+    return "password" in key.lower()
 
 
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):

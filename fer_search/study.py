@@ -24,6 +24,9 @@ from fer_search.model import BASELINE
 from fer_search.space import optuna_params
 
 log = logging.getLogger("fer_search")
+# The objective's name, as the live lines, finalize and the report call it: optuna-dashboard and
+# Optuna's plots label the value with it.
+METRIC_NAME = "val_acc"
 
 
 def study_record(config: Config, fingerprints: dict[str, str]) -> dict[str, Any]:
@@ -99,6 +102,8 @@ def ensure_study(
         log.warning("study %s was never marked ready by its creator; finishing its setup", name)
         _set_up(study, config, record, command)
     check_study_matches(study, record, config.run.ignore_mismatch)
+    if study.metric_names is None:  # a study created before fer-search named its objective
+        name_metric(study)
     return study
 
 
@@ -106,6 +111,7 @@ def _set_up(study: optuna.Study, config: Config, record: dict[str, Any], command
     made_by = {"data_path": str(config.data.path), **({"command": command} if command else {})}
     for key, value in {**record, **provenance(), **made_by}.items():
         study.set_user_attr(key, value)
+    name_metric(study)
     if not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         params = optuna_params(BASELINE, config.space)
         if params is None:
@@ -113,6 +119,13 @@ def _set_up(study: optuna.Study, config: Config, record: dict[str, Any], command
         else:
             study.enqueue_trial(params, user_attrs={"baseline": True})
     study.set_user_attr("ready", True)
+
+
+def name_metric(study: optuna.Study) -> None:
+    """Names the study's objective METRIC_NAME."""
+    with warnings.catch_warnings():  # Optuna flags set_metric_names as experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAME])
 
 
 def _wait_until_ready(study: optuna.Study, timeout_s: float) -> bool:

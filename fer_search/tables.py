@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from fer_search.figures import shown_runs
+from fer_search.figures import best_is_baseline, shown_runs
 from fer_search.metrics import ClassificationReport
 from fer_search.results import Aggregate, FinalMetrics, SeedRun, Splits
 
@@ -16,20 +16,40 @@ def summary_text(metrics: FinalMetrics, out: Path, files: list[Path]) -> str:
     best = metrics.best_trial
     return "\n".join(
         [
-            _summary_line(f"best trial {best.number} (val {best.value:.4f})", metrics.best),
-            _summary_line("baseline", metrics.baseline),
+            f"{best_name(metrics)} (val {percent(best.value)}): {_accuracies_text(metrics.best)}",
+            f"baseline: {_baseline_summary(metrics)}",
             f"shipped seed {metrics.shipped_seed}; wrote {len(files)} files to {out}",
         ]
     )
 
 
-def _summary_line(name: str, agg: Aggregate | None) -> str:
-    if agg is None:
-        return f"{name}: not retrained (--no-baseline)"
+def _baseline_summary(metrics: FinalMetrics) -> str:
+    if metrics.baseline is None:
+        return "not retrained (--no-baseline)"
+    if best_is_baseline(metrics):
+        return "the best trial is the baseline configuration: the same runs as above (each seed trained once)"
+    return _accuracies_text(metrics.baseline)
+
+
+def _accuracies_text(agg: Aggregate) -> str:
     seeds = len(agg.per_seed)
     return (
-        f"{name}: private_test {_mean_std(agg, _test_accuracy, _four_places)}, "
-        f"test_all {_mean_std(agg, _test_all_accuracy, _four_places)} ({seeds} seed{'' if seeds == 1 else 's'})"
+        f"private_test {_mean_std(agg, _test_accuracy, percent)}, "
+        f"test_all {_mean_std(agg, _test_all_accuracy, percent)} ({seeds} seed{'' if seeds == 1 else 's'})"
+    )
+
+
+def best_name(metrics: FinalMetrics) -> str:
+    """The best trial as every report names it, saying so where it is the baseline."""
+    same = " = baseline" if best_is_baseline(metrics) else ""
+    return f"best trial #{metrics.best_trial.number}{same}"
+
+
+def same_runs_text(metrics: FinalMetrics) -> str:
+    """What a reader must be told where the best trial is the baseline, lest two identical rows puzzle them."""
+    return (
+        f"The best trial found (#{metrics.best_trial.number}) is the baseline configuration: finalize trained "
+        f"each seed once, so the best trial's runs are the baseline's, shown once."
     )
 
 
@@ -58,8 +78,10 @@ def recalls_precisions_text(
             *_class_table_lines(run.private_test, classes),
             "",
         ]
-    if baseline is None:
+    if metrics.baseline is None:
         lines += ["Baseline: not retrained (finalize ran with --no-baseline)", ""]
+    elif best_is_baseline(metrics):
+        lines += [same_runs_text(metrics), ""]
     lines += _seed_summary_lines(metrics)
     return "\n".join(lines) + "\n"
 
@@ -89,9 +111,9 @@ def _seed_summary_lines(metrics: FinalMetrics) -> list[str]:
 
 
 def retrained(metrics: FinalMetrics) -> list[tuple[str, str, Aggregate]]:
-    """(kind, name, aggregate over seeds) for the best trial and, when retrained, the baseline."""
-    rows = [("best", f"best trial #{metrics.best_trial.number}", metrics.best)]
-    if metrics.baseline is not None:
+    """(kind, name, aggregate over seeds) for the best trial and, when retrained apart, the baseline."""
+    rows = [("best", best_name(metrics), metrics.best)]
+    if metrics.baseline is not None and not best_is_baseline(metrics):
         rows.append(("baseline", "baseline", metrics.baseline))
     return rows
 
@@ -143,5 +165,11 @@ def three_places(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _four_places(value: float) -> str:
-    return f"{value:.4f}"
+def duration_text(seconds: float) -> str:
+    """A duration as people read it: 42 s, 12 min 05 s, 3 h 07 min."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"

@@ -95,7 +95,7 @@ def live_in_session(session: int) -> list[int]:
     return pids
 
 
-def crashing_worker(config: Any, index: int, k: int, queue: Any, live: bool) -> None:
+def crashing_worker(config: Any, index: int, k: int, queue: Any, live: bool, level: int) -> None:
     """Stands in for search._worker_process (spawned children import it from here): worker 1 crashes."""
     from fer_search.processes import run_child
 
@@ -103,4 +103,4 @@ def crashing_worker(config: Any, index: int, k: int, queue: Any, live: bool) -> 
         if index == 1:
             raise ZeroDivisionError("a bug in worker 1")
 
-    run_child(f"worker {index}", queue, work)
+    run_child(f"worker {index}", queue, work, level)

@@ -76,6 +76,55 @@ def test_bad_run_input_exits_2(config: Path, args: list[str], named: str) -> Non
     assert_one_line_error(code, output, named)
 
 
+def test_the_environment_gives_what_a_flag_would_and_a_flag_wins(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    optuna.create_study(study_name="from-env", storage=f"sqlite:///{tmp_path}/env.db")
+    monkeypatch.setenv("FER_SEARCH_STORAGE", f"sqlite:///{tmp_path}/env.db")
+    monkeypatch.setenv("FER_SEARCH_STUDY", "from-env")
+    code, output = invoke("status", "--config", config)
+    assert code == 0 and output.startswith("study from-env: no trials"), output
+    code, output = invoke("status", "--config", config, "--storage", f"sqlite:///{tmp_path}/flag.db")
+    assert_one_line_error(code, output, "flag.db")  # the flag, not the variable
+
+
+def test_the_environment_names_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "fleet.toml").write_text(f'[study]\nname = "fleet"\nstorage = "sqlite:///{tmp_path}/fleet.db"\n')
+    optuna.create_study(study_name="fleet", storage=f"sqlite:///{tmp_path}/fleet.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FER_SEARCH_CONFIG", str(elsewhere / "fleet.toml"))
+    code, output = invoke("status")
+    assert code == 0 and output.startswith("study fleet:"), output
+    monkeypatch.setenv("FER_SEARCH_CONFIG", str(tmp_path / "nope.toml"))
+    assert_one_line_error(*invoke("status"), "FER_SEARCH_CONFIG", "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "variable, value, named",
+    [("FER_SEARCH_WORKERS", "0", "run.workers"), ("FER_SEARCH_DEVICE", "tpu", "run.device")],
+)
+def test_a_bad_value_from_the_environment_names_the_variable(
+    config: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    code, output = invoke("run", "--config", config, "--trials", 2)
+    assert_one_line_error(code, output, variable, named)
+
+
+def test_the_recorded_command_leaves_out_what_the_environment_gave(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fer_search.cli import command_line, run
+
+    monkeypatch.setenv("FER_SEARCH_STORAGE", "postgresql+psycopg://fer:env-secret@db/fer")
+    parent = main.make_context("fer-search", ["run"])
+    ctx = run.make_context("run", ["--trials", "5", "--storage", "postgresql://u:flag-secret@h/db"], parent=parent)
+    assert command_line(ctx) == "fer-search run --trials 5 --storage 'postgresql://u:***@h/db'"
+    ctx = run.make_context("run", ["--trials", "5"], parent=parent)
+    assert ctx.params["storage"].endswith("@db/fer")
+    assert command_line(ctx) == "fer-search run --trials 5"
+
+
 def test_unknown_flag_is_a_usage_error(config: Path) -> None:
     code, output = invoke("run", "--config", config, "--trails", "3")
     assert code == 2 and "--trails" in output and "Traceback" not in output
@@ -201,41 +250,6 @@ def test_several_workers_on_a_missing_gpu_say_so_once_and_create_nothing(config:
     assert not (config.parent / "studies" / "fer2013.db").exists()
 
 
-def test_live_lines_keep_one_line_per_worker(capsys: pytest.CaptureFixture[str]) -> None:
-    from fer_search.cli import _LiveLines
-    from fer_search.objective import Progress
-
-    live = _LiveLines()
-    live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
-    live(Progress(worker=1, trial=4, epoch=1, epochs=30, val_acc=0.38, best=None))
-    frame = capsys.readouterr().err.rsplit("\033[J", 1)[1]  # what the last redraw left on the screen
-    assert frame.splitlines() == [
-        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
-        "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -",
-    ]
-    live(Progress(worker=0, trial=3, epoch=6, epochs=30, val_acc=0.45, best=0.5, state="PRUNED"))
-    out = capsys.readouterr().err
-    assert out.startswith("\033[F\033[F\r\033[J")  # back over the two live lines, then cleared
-    assert out.split("\033[J", 1)[1].splitlines() == [
-        "[w0] trial 3 pruned after 6 epochs: 0.4500 (best 0.5000)",
-        "[w1] trial 4 epoch 1/30 val_acc 0.3800 best -",
-    ]
-
-
-def test_live_lines_print_log_lines_above_them(capsys: pytest.CaptureFixture[str]) -> None:
-    from fer_search.cli import _LiveLines
-    from fer_search.objective import Progress
-
-    live = _LiveLines()
-    live(Progress(worker=0, trial=3, epoch=1, epochs=30, val_acc=0.41, best=None))
-    capsys.readouterr()
-    live("WARNING fer_search: trial 2 never started (its worker died before training it); retrying it")
-    assert capsys.readouterr().err.split("\033[J", 1)[1].splitlines() == [
-        "WARNING fer_search: trial 2 never started (its worker died before training it); retrying it",
-        "[w0] trial 3 epoch 1/30 val_acc 0.4100 best -",
-    ]
-
-
 @pytest.mark.parametrize(
     "command, modules, absent",
     [
@@ -253,3 +267,23 @@ def test_commands_import_only_what_they_use(command: str, modules: list[str], ab
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"{command} imports {done.stdout.strip()}"
+
+
+@pytest.mark.parametrize("command", [["studies"], ["export"], ["export", "--format", "json"]])
+def test_studies_and_export_start_without_torch(tmp_path: Path, command: list[str]) -> None:
+    """Like `status`, they only read the database: a script calling them often must not pay torch's import."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="fer2013", storage=url, direction="maximize").add_trial(
+        optuna.trial.create_trial(value=0.5, user_attrs={"trial_params": {"lr": 0.001}, "baseline": True})
+    )
+    (tmp_path / "search.toml").write_text("")
+    probe = (
+        "import sys\nfrom fer_search.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')"
+    )
+    args = [*command, "--config", str(tmp_path / "search.toml"), "--storage", url]
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fer2013" in done.stdout or "0.001" in done.stdout, done.stdout
+    assert done.stdout.strip().endswith("no torch")

@@ -97,8 +97,8 @@ def test_workers_reserve_the_gpu(services: dict[str, Any]) -> None:
 
 
 def test_each_url_names_the_driver_its_image_has(services: dict[str, Any]) -> None:
-    storage = next(a for a in services["worker"]["command"] if a.startswith("--storage="))
-    assert storage.startswith("--storage=postgresql+psycopg://")  # the postgres extra is psycopg 3
+    storage = services["worker"]["environment"]["FER_SEARCH_STORAGE"]
+    assert storage.startswith("postgresql+psycopg://")  # the postgres extra is psycopg 3
     assert "@postgres:5432/" in storage
     # The dashboard image ships psycopg2 only and takes the URL as its argument, not from the environment.
     assert services["dashboard"]["command"][0].startswith("postgresql+psycopg2://")
@@ -137,12 +137,28 @@ def test_published_ports_are_loopback_only(services: dict[str, Any]) -> None:
         assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: {port}"
 
 
-def test_secrets_come_from_the_environment(services: dict[str, Any]) -> None:
+def test_secrets_come_from_the_environment_never_a_command_line(services: dict[str, Any]) -> None:
     for key, value in services["postgres"]["environment"].items():
         assert VARIABLE.fullmatch(value), f"postgres {key} is a literal"
-    urls = [a for a in services["worker"]["command"] if "://" in a] + [services["dashboard"]["command"][0]]
+    commands = [" ".join(s.get("command", [])) for s in services.values()]
+    assert not any("PASSWORD" in command for command in commands), commands
+    for name in ("worker", "dashboard"):
+        assert services[name]["environment"]["PGPASSWORD"] == "${POSTGRES_PASSWORD}"  # libpq reads it
+    urls = [services["worker"]["environment"]["FER_SEARCH_STORAGE"], services["dashboard"]["command"][0]]
     for url in urls:
-        assert "://${POSTGRES_USER}:${POSTGRES_PASSWORD}@" in url, url
+        assert "://${POSTGRES_USER}@" in url, url  # no password in the URL
+
+
+def test_the_worker_takes_its_storage_from_the_environment(
+    services: dict[str, Any], env_example: dict[str, str]
+) -> None:
+    worker = services["worker"]
+    command = [interpolate(a, env_example) for a in worker["command"]]
+    storage = interpolate(worker["environment"]["FER_SEARCH_STORAGE"], env_example)
+    assert run.make_context("run", command[1:]).params["storage"] is None  # no --storage: the variable gives it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FER_SEARCH_STORAGE", storage)
+        assert run.make_context("run", command[1:]).params["storage"] == storage
 
 
 def test_env_example_defines_every_variable_the_compose_file_uses(env_example: dict[str, str]) -> None:

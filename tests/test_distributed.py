@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import optuna
 import psycopg
 import pytest
 from optuna.trial import FrozenTrial, TrialState
-from pgserver import RESERVED, PgServer, Unavailable, in_ci, start_server, unavailable
+from pgserver import PASSWORD, RESERVED, ROLE, PgServer, Unavailable, in_ci, start_server, unavailable
 
 from fer_search.config import load_config
 from fer_search.errors import UserError
@@ -335,7 +336,8 @@ def test_a_killed_workers_trial_is_failed_and_retried_from_its_checkpoint(
     assert [t.state in FINISHED for t in retries] == [True], workers.logs()
     retry = retries[0]
     assert retry.params == victim.params
-    assert f"trial {retry.number} resumes from epoch" in workers.log(2) + workers.log(3), workers.logs()
+    started = rf"trial {retry.number} (\(baseline\) )?continues trial {victim.number} at epoch"
+    assert re.search(started, workers.log(2) + workers.log(3)), workers.logs()
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))  # the whole curve, resumed epochs too
     assert trials <= len(finished(all_trials)) <= trials + 1
     assert len([t for t in finished(all_trials) if t.user_attrs.get("baseline")]) == 1
@@ -431,3 +433,62 @@ def test_without_postgresql_a_workstation_skips_but_ci_fails() -> None:
     with pytest.raises(pytest.fail.Exception):
         unavailable("no initdb", {"CI": "true"})
     assert not in_ci({"CI": "false"})
+
+
+def test_no_password_given_in_a_url_is_stored_logged_exported_or_reported(
+    postgres: PgServer, tiny_fer: Path, tmp_path: Path
+) -> None:
+    """The password in the URL's user part, in its query, and in PGPASSWORD: nowhere in the database, the logs,
+    the exports or finalize's files afterwards."""
+    flag_url = postgres.create_database("secrets")  # fer:<password>@...
+    query_url = f"postgresql+psycopg://{ROLE}@127.0.0.1:{postgres.port}/secrets?password={PASSWORD}"
+    bare_url = f"postgresql+psycopg://{ROLE}@127.0.0.1:{postgres.port}/secrets"
+    config = tmp_path / "search.toml"
+    config.write_text(f'[data]\npath = "{tiny_fer}"\n[run]\nepochs = 1\ndevice = "cpu"\n')
+    outputs = []
+
+    def fer(*args: object, env: dict[str, str] | None = None, ok: bool = True) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "fer_search", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=WORKER_DEADLINE_S,
+            env={**WORKER_ENV, **(env or {})},
+            cwd=tmp_path,
+        )
+        outputs.append(done.stdout + done.stderr)
+        assert (done.returncode == 0) == ok, outputs[-1]
+        return done.stdout
+
+    fer("run", "--config", config, "--storage", flag_url, "--trials", 2)
+    fer("run", "--config", config, "--trials", 3, env={"FER_SEARCH_STORAGE": query_url})
+    fer("run", "--config", config, "--trials", 4, "--storage", bare_url, env={"PGPASSWORD": PASSWORD})
+    fer("run", "--config", config, "--storage", flag_url.replace(str(postgres.port), "1"), "--trials", 5, ok=False)
+    fer("status", "--config", config, "--storage", flag_url)
+    fer("studies", "--config", config, "--storage", query_url, "--json")
+    fer("export", "--config", config, "--storage", flag_url, "--format", "json", "--out", tmp_path / "trials.json")
+    fer("export", "--config", config, "--storage", flag_url, "--format", "csv")
+    fer(
+        "finalize",
+        "--config",
+        config,
+        "--storage",
+        flag_url,
+        "--seeds",
+        1,
+        "--no-baseline",
+        "--out",
+        tmp_path / "final",
+    )
+
+    assert len(json.loads((tmp_path / "trials.json").read_text())) >= 4
+    assert (tmp_path / "final" / "report.html").is_file()
+    with postgres.admin("secrets") as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        rows = [str(r[0]) for t in tables for r in conn.execute(f'SELECT t::text FROM "{t}" t')]
+    assert any("fer-search run" in row for row in rows)  # the command is recorded, with its password hidden
+    for where, text in [("database", "\n".join(rows)), ("output", "\n".join(outputs))]:
+        assert PASSWORD not in text, where
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert PASSWORD.encode() not in path.read_bytes(), path

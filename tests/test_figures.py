@@ -1,4 +1,5 @@
-"""Finalize's figures: real images, notes on studies of few trials, Optuna's side effects contained."""
+"""Finalize's figures: real images, sentences instead of figures that would mean nothing, readable curves, whole
+trial and epoch ticks, Optuna's side effects contained."""
 
 from __future__ import annotations
 
@@ -9,51 +10,43 @@ from collections.abc import Callable
 
 import matplotlib
 import matplotlib.image
+import numpy as np
 import optuna
 import pytest
-from finalizing import Finalized, fake_inputs, toy_study
+from finalizing import Finalized, baseline_won, fake_inputs, toy_study
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fer_search import figures as figures_module
-from fer_search.figures import param_importances_png, performance_png, report_figures, search_history_png
+from fer_search.figures import (
+    FIGURE_NAMES,
+    Plot,
+    misclassified_plot,
+    param_importances_plot,
+    performance_png,
+    report_figures,
+    search_history_plot,
+)
 
-PLOTS = [search_history_png, param_importances_png]
+PLOTS = [search_history_plot, param_importances_plot]
 
 
 @pytest.fixture(scope="module")
 def inputs() -> Finalized:
-    return fake_inputs(toy_study(n_complete=6, n_pruned=2))
+    return fake_inputs(toy_study(n_complete=12, n_pruned=2))
 
 
-def figures_of(inputs: Finalized) -> dict[str, bytes]:
-    return report_figures(inputs)
-
-
-def assert_real_png(png: bytes) -> None:
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+def assert_real_png(png: bytes | None) -> None:
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = matplotlib.image.imread(io.BytesIO(png)).shape[:2]
     assert height > 100 and width > 100, (height, width)
 
 
 def test_every_figure_is_a_real_image(inputs: Finalized) -> None:
-    pngs = figures_of(inputs)
-    assert list(pngs) == [
-        "confusion.png",
-        "performance.png",
-        "misclassified.png",
-        "search_history.png",
-        "param_importances.png",
-    ]
-    for png in pngs.values():
-        assert_real_png(png)
-
-
-@pytest.mark.parametrize("n_complete", [0, 1])
-@pytest.mark.parametrize("plot", PLOTS)
-def test_few_complete_trials_still_give_both_optuna_figures(
-    plot: Callable[[optuna.Study, str], bytes], n_complete: int
-) -> None:
-    assert_real_png(plot(toy_study(n_complete), "PublicTest"))
+    plots = report_figures(inputs)
+    assert tuple(plots) == FIGURE_NAMES
+    for plot in plots.values():
+        assert_real_png(plot.png)
 
 
 @pytest.fixture
@@ -84,57 +77,154 @@ def conditional_study(n_complete: int) -> optuna.Study:
     return study
 
 
-def drawn_notes(plot: Callable[[optuna.Study, str], bytes], study: optuna.Study, figures: list[Figure]) -> list[str]:
-    """The notes `plot` draws below the figure, in one line each; fails on any warning that escapes."""
+def study_of(objective: Callable[[optuna.Trial], float], n_trials: int) -> optuna.Study:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=n_trials)
+    return study
+
+
+def plotted(plot: Callable[[optuna.Study, str], Plot], study: optuna.Study) -> Plot:
+    """What `plot` gives for `study`; fails on any warning that escapes."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plot(study, "PublicTest")
+        result = plot(study, "PublicTest")
     assert [str(w.message) for w in caught] == []
-    return [" ".join(t.get_text().split()) for t in figures[-1].texts]
+    return result
 
 
 @pytest.mark.parametrize("plot", PLOTS)
-def test_few_complete_trials_are_said_below_both_optuna_figures(
-    plot: Callable[[optuna.Study, str], bytes], figures: list[Figure]
-) -> None:
-    notes = drawn_notes(plot, toy_study(n_complete=3, n_pruned=2), figures)
-    assert len(notes) == 1
-    assert "Only 3 complete trials (fewer than 10)" in notes[0]
-    assert "Pruned trials (2 here) are not shown, and the importances do not count them" in notes[0]
+def test_no_figure_draws_its_note(plot: Callable[[optuna.Study, str], Plot], figures: list[Figure]) -> None:
+    """The page says what to know of a figure; no sentence is drawn into the image."""
+    plotted(plot, toy_study(n_complete=3, n_pruned=2))
+    plotted(plot, conditional_study(12))
+    assert figures and all(fig.texts == [] for fig in figures)
 
 
-def test_optunas_warnings_on_few_trials_become_the_note(figures: list[Figure]) -> None:
-    notes = drawn_notes(param_importances_png, conditional_study(3), figures)
-    assert len(notes) == 1 and notes[0].startswith("Only 3 complete trials")
+def test_few_complete_trials_are_said_below_the_history() -> None:
+    plot = plotted(search_history_plot, toy_study(n_complete=3, n_pruned=2))
+    assert_real_png(plot.png)
+    assert plot.note is not None and plot.note.startswith("Only 3 complete trials (fewer than 10): too few")
+    assert "Pruned trials (2 here) are not shown" in plot.note
 
 
-def test_enough_trials_draw_no_note_but_optunas_own_warnings(figures: list[Figure]) -> None:
-    assert drawn_notes(search_history_png, toy_study(n_complete=10), figures) == []
-    assert drawn_notes(param_importances_png, toy_study(n_complete=10), figures) == []
-    notes = drawn_notes(param_importances_png, conditional_study(10), figures)
-    assert len(notes) == 1
-    assert notes[0].startswith("Optuna warns: Some regimes for parameter `extra`") and "inaccurate" in notes[0]
+def test_a_history_without_complete_trials_is_a_sentence() -> None:
+    plot = plotted(search_history_plot, toy_study(n_complete=0, n_pruned=2))
+    assert plot == Plot(None, "The search history is left out: no complete trial yet (of 2 trials).")
+
+
+@pytest.mark.parametrize("n_complete", [0, 1, 9])
+def test_importances_of_few_trials_are_a_sentence_not_a_figure(n_complete: int) -> None:
+    plot = plotted(param_importances_plot, toy_study(n_complete))
+    assert plot.png is None
+    assert plot.note == (
+        "Parameter importances are left out: they need at least 10 complete trials (Optuna's estimate contrasts "
+        f"the best tenth of them with all of them) and this study has {n_complete}."
+    )
+
+
+def test_importances_of_trials_that_all_scored_the_same_are_a_sentence() -> None:
+    study = study_of(lambda t: 0.5 + 0 * t.suggest_float("lr", 1e-4, 3e-3) + 0 * t.suggest_int("width", 1, 3), 12)
+    plot = plotted(param_importances_plot, study)
+    assert plot.png is None and plot.note is not None
+    assert "every complete trial scored the same PublicTest accuracy (50.00%)" in plot.note
+
+
+def test_importances_that_are_all_equal_are_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optuna.importance, "get_param_importances", lambda study: {"lr": 0.5, "width": 0.5})
+    plot = plotted(param_importances_plot, toy_study(n_complete=12))
+    assert plot.png is None and plot.note is not None
+    assert "gives each of the 2 parameters the same importance" in plot.note
+
+
+def test_importances_of_a_single_parameter_are_a_sentence() -> None:
+    plot = plotted(param_importances_plot, study_of(lambda t: t.suggest_float("lr", 1e-4, 3e-3), 12))
+    assert plot.png is None and plot.note is not None
+    assert "gives each of the 1 parameter the same importance" in plot.note
+
+
+def test_importances_that_can_be_estimated_are_drawn_with_optunas_warnings_below() -> None:
+    plot = plotted(param_importances_plot, toy_study(n_complete=12))
+    assert_real_png(plot.png)
+    assert plot.note is None
+    plot = plotted(param_importances_plot, conditional_study(12))
+    assert_real_png(plot.png)
+    assert plot.note is not None
+    assert plot.note.startswith("Optuna warns: Some regimes for parameter `extra`") and "inaccurate" in plot.note
+
+
+def whole_ticks(ax: Axes) -> list[float]:
+    """The x ticks shown, asserting that there are some and that each is a whole number."""
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks and all(t == int(t) for t in ticks), ticks
+    return ticks
+
+
+def test_search_history_counts_whole_trials(figures: list[Figure]) -> None:
+    plotted(search_history_plot, toy_study(n_complete=3))
+    [ax] = [ax for ax in figures[-1].axes if ax.get_xlabel() == "Trial"]
+    assert 0.5 not in whole_ticks(ax) and 1.5 not in ax.get_xticks()
 
 
 def test_training_curves_count_whole_epochs(inputs: Finalized, figures: list[Figure]) -> None:
     two_epochs = dataclasses.replace(inputs.shipped, history=inputs.shipped.history[:2], best_epoch=2)
     performance_png(two_epochs, None, "shipped model", "PublicTest")
     for ax in figures[-1].axes:
-        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-        assert ticks and all(t == int(t) for t in ticks), ticks
+        whole_ticks(ax)
 
 
-@pytest.mark.parametrize("plot", PLOTS)
-def test_study_optuna_cannot_plot_still_gives_figures(plot: Callable[[optuna.Study, str], bytes]) -> None:
+def test_training_curves_draw_the_best_trial_over_the_baseline(inputs: Finalized, figures: list[Figure]) -> None:
+    performance_png(inputs.shipped, inputs.baseline, "shipped model", "PublicTest")
+    fig = figures[-1]
+    for ax in fig.axes:
+        best = [line for line in ax.get_lines() if line.get_label().startswith("best trial")]
+        baseline = [line for line in ax.get_lines() if line.get_label().startswith("baseline")]
+        assert len(best) == len(baseline) == 3  # training, validation, kept epoch
+        assert min(line.get_zorder() for line in best) > max(line.get_zorder() for line in baseline)
+        assert all(line.get_linewidth() > max(b.get_linewidth() for b in baseline) for line in best)
+        assert [line.get_linestyle() for line in best[:2]] == ["-", "-"]
+        assert [line.get_linestyle() for line in baseline[:2]] == ["--", "--"]
+        assert all((line.get_alpha() or 1.0) < 1.0 for line in baseline)
+    [legend] = fig.legends  # one, for both panels, naming every line
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert "best trial (seed 1): training" in labels and "baseline (seed 1): validation on PublicTest" in labels
+    assert "(solid)" in fig.get_suptitle() and "(dashed)" in fig.get_suptitle()
+
+
+def test_where_the_best_trial_is_the_baseline_its_runs_are_drawn_once(inputs: Finalized) -> None:
+    plots = report_figures(baseline_won(inputs))
+    assert_real_png(plots["performance.png"].png)
+    solo = report_figures(dataclasses.replace(baseline_won(inputs), baseline=None))
+    assert plots["performance.png"] == solo["performance.png"]  # no second, identical set of curves
+
+
+def test_a_model_without_mistakes_gets_a_sentence(inputs: Finalized) -> None:
+    perfect = dataclasses.replace(inputs.shipped, test_pred=np.asarray(inputs.test_labels).tolist())
+    plot = misclassified_plot(inputs.test_images, inputs.test_labels, perfect, inputs.classes, "model", "PrivateTest")
+    assert plot == Plot(None, "No misclassified faces to show: the model classified all 150 correctly.")
+
+
+def test_a_study_optuna_cannot_plot_gets_a_sentence() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
-    assert_real_png(plot(study, "PublicTest"))
+    plot = plotted(search_history_plot, study)
+    assert plot.png is None and plot.note is not None
+    assert plot.note.startswith("The search history is left out: Optuna could not draw it (")
+
+
+def test_importances_optuna_cannot_estimate_are_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(study: optuna.Study) -> dict[str, float]:
+        raise ValueError("no way")
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", refuse)
+    plot = plotted(param_importances_plot, toy_study(n_complete=12))
+    assert plot == Plot(None, "Parameter importances are left out: Optuna could not estimate them (no way).")
 
 
 def test_leaves_matplotlib_as_it_found_it(inputs: Finalized) -> None:
     from matplotlib import pyplot as plt
 
     before = dict(matplotlib.rcParams)
-    figures_of(inputs)
+    report_figures(inputs)
     assert dict(matplotlib.rcParams) == before  # Optuna's ggplot style stays inside the figures
     assert plt.get_fignums() == []

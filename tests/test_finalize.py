@@ -33,6 +33,7 @@ from fer_search.errors import Crashed, UserError
 from fer_search.finalize import SeedJob, train_in_processes
 from fer_search.model import BASELINE
 from fer_search.predict import load_model, model_from_state, predict_images
+from fer_search.progress import SeedEpoch
 from fer_search.results import FinalMetrics, SeedRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def metrics_of(out: Path) -> FinalMetrics:
 
 def trained(result: Result) -> list[str]:
     """The seed runs a finalize trained, one entry per epoch line."""
-    return [line.split(": epoch")[0] for line in result.stderr.splitlines() if ": epoch " in line]
+    lines = [line.split("fer_search: ", 1)[-1] for line in result.stderr.splitlines()]  # past the log line's time
+    return [line.split(": epoch")[0] for line in lines if ": epoch " in line]
 
 
 def one_line_error(result: Result) -> str:
@@ -205,8 +207,7 @@ def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path,
     result = finalize(folder, "--seeds", "2")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("reusing the finished run") == (1 if best_is_baseline(folder) else 3)
-    trained = {line.split(": epoch")[0] for line in result.stderr.splitlines() if ": epoch " in line}
-    assert trained == {"best seed 1"}
+    assert set(trained(result)) == {"best seed 1"}
     m = metrics_of(final_dir(folder))
     assert m.baseline is not None and set(m.best.per_seed) == set(m.baseline.per_seed) == {"0", "1"}
     assert m.best.std is not None
@@ -421,12 +422,12 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
         train_in_processes([SeedJob("best", BASELINE, 0)], config, 1, tmp_path / "runs", print)
     config = load_config(tmp_path / "search.toml", {"run.device": "cpu", "data.path": tiny_fer})
     broken = dataclasses.replace(BASELINE, dropout_pattern="sometimes")
-    lines: list[str] = []
+    events: list[object] = []
     with pytest.raises(Crashed, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
         train_in_processes(
-            [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500, tmp_path / "runs", lines.append
+            [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500, tmp_path / "runs", events.append
         )
-    assert not any("epoch 500/500" in line for line in lines)  # seed 1 was stopped, not waited for
+    assert not any(isinstance(e, SeedEpoch) and e.epoch == 500 for e in events)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
 
 

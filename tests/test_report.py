@@ -1,34 +1,76 @@
-"""Finalize's reports: every file written, a self-contained page, the text tables, the summary finalize prints."""
+"""Finalize's reports: every file written, a self-contained page that a browser renders, the text tables, the
+summary finalize prints."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import html
 import json
+import os
 import re
+import shutil
+import subprocess
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
-from finalizing import COMMAND, EPOCHS, REPORT_FILES, STUDY_NAME, Finalized, fake_inputs, toy_study
+from finalizing import (
+    ALL_REPORT_FILES,
+    COMMAND,
+    EPOCHS,
+    REPORT_FILES,
+    STUDY_NAME,
+    Finalized,
+    baseline_won,
+    fake_inputs,
+    toy_study,
+)
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+from PIL import Image
 
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
-from fer_search.report import write_reports
+from fer_search.figures import FIGURE_NAMES, Plot
+from fer_search.model import BASELINE
+from fer_search.report import report_html, write_reports
 from fer_search.results import Commands, aggregate
 
-FILES = list(REPORT_FILES)
-FIGURES = [f for f in FILES if f.endswith(".png")]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+CELL = re.compile(r'<t([dh])( class="num")?>(.*?)</t\1>')
+# What the page's numbers look like: 48.68%, 0.638 ± 0.035, 0.0021, 1e-05, 128.
+NUMBER = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?%?( ± \d+(\.\d+)?%?)?")
 
 
 def write(inputs: Finalized, out: Path, with_baseline: bool = True) -> list[Path]:
     return write_reports(out, inputs if with_baseline else dataclasses.replace(inputs, baseline=None))
 
 
+def page_of(out: Path) -> str:
+    return (out / "report.html").read_text()
+
+
+def page_without_figures(
+    inputs: Finalized, written_at: datetime = datetime(2026, 1, 6, 9, 30), finalize_started: datetime | None = None
+) -> str:
+    """The page alone, in milliseconds: its figures left out (drawing them takes seconds)."""
+    return report_html(inputs, {name: Plot(None) for name in FIGURE_NAMES}, written_at, finalize_started)
+
+
+def table_after(page: str, marker: str) -> list[list[str]]:
+    """The rows, heading first, of the first table after `marker` in `page`: each cell's text."""
+    start = page.index("<table", page.index(marker))
+    table = page[start : page.index("</table>", start)]
+    return [[html.unescape(c[2]) for c in CELL.findall(row)] for row in re.findall(r"<tr>(.*?)</tr>", table)]
+
+
 @pytest.fixture(scope="module")
 def inputs() -> Finalized:
-    return fake_inputs(toy_study(n_complete=6, n_pruned=2))
+    """Enough complete trials (12) for every figure, the importances included."""
+    return fake_inputs(toy_study(n_complete=12, n_pruned=2))
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +79,23 @@ def written(inputs: Finalized, tmp_path_factory: pytest.TempPathFactory) -> list
 
 
 def test_every_file_is_written_and_returned(written: list[Path]) -> None:
-    assert [p.name for p in written] == FILES
+    assert [p.name for p in written] == list(ALL_REPORT_FILES)
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
-    assert not [p for p in written[0].parent.iterdir() if p.name not in FILES]  # no temporary files left
+    assert not [p for p in written[0].parent.iterdir() if p.name not in ALL_REPORT_FILES]  # no temporary files left
 
 
 def test_page_is_self_contained_with_every_figure(written: list[Path]) -> None:
-    page = (written[0].parent / "report.html").read_text()
+    page = page_of(written[0].parent)
     for external in ('src="http', "src='http", 'href="http', "<link", "<script", "@import", "url("):
         assert external not in page
-    for name in FIGURES:
-        png = (written[0].parent / name).read_bytes()
-        assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
+    figures = [p for p in written if p.suffix == ".png"]
+    assert len(figures) == page.count("<img ") == 5
+    for png in figures:
+        assert f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"' in page
 
 
 def test_page_has_the_key_numbers(written: list[Path], inputs: Finalized) -> None:
-    page = (written[0].parent / "report.html").read_text()
+    page = page_of(written[0].parent)
     m = inputs.metrics
     for agg in (m.best, m.baseline):
         assert agg is not None and agg.std is not None
@@ -68,12 +111,27 @@ def test_page_has_the_key_numbers(written: list[Path], inputs: Finalized) -> Non
     assert "(shipped)" in page and "baseline" in page
     assert all(c in page for c in CLASSES)
     assert "<td>version of optuna</td><td>5.0.0</td>" in page and "ccc333" in page and "0123abc" in page
-    assert "<td>lr</td><td>0.0021</td><td>0.001</td>" in page and "<td>dropout_low</td><td>— (unused)</td>" in page
-    assert "COMPLETE</td><td>6<" in page and "PRUNED</td><td>2<" in page
+    assert '<td>lr</td><td class="num">0.0021</td><td class="num">0.001</td>' in page
+    assert "<td>dropout_low</td><td>— (unused)</td>" in page
+    assert '<td>COMPLETE</td><td class="num">12</td>' in page and '<td>PRUNED</td><td class="num">2</td>' in page
+
+
+def test_numbers_are_right_aligned_and_text_left(written: list[Path]) -> None:
+    page = page_of(written[0].parent)
+    assert "th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }" in page
+    assert "th.num, td.num { text-align: right;" in page
+    cells = [(html.unescape(text), bool(num)) for tag, num, text in CELL.findall(page) if tag == "d"]
+    numbers = [text for text, num in cells if num]
+    words = [text for text, num in cells if not num]
+    assert len(numbers) > 100 and all(NUMBER.fullmatch(text) for text in numbers), numbers
+    assert not [text for text in words if NUMBER.fullmatch(text)]
+    assert {"best trial #3 (shipped)", "angry", "dropout_pattern", "interlaced", "COMPLETE", "— (unused)"} <= set(words)
+    assert "<td>dropout_pattern</td><td>none</td><td>interlaced</td>" in page
+    assert '<table><thead><tr><th>configuration</th><th class="num">seed</th>' in page  # headings follow their cells
 
 
 def test_page_escapes_what_it_interpolates(written: list[Path]) -> None:
-    page = (written[0].parent / "report.html").read_text()
+    page = page_of(written[0].parent)
     assert STUDY_NAME not in page and "fer&lt;2013&gt;&amp;co" in page
     assert "fer-search finalize --study &#x27;fer&lt;2013&gt;&amp;co&#x27; --seeds 3" in page
     assert "fer-search run --trials 8 --study &#x27;fer&lt;2013&gt;&amp;co&#x27;" in page
@@ -82,7 +140,7 @@ def test_page_escapes_what_it_interpolates(written: list[Path]) -> None:
 def test_page_says_when_the_study_did_not_record_its_run_command(inputs: Finalized, tmp_path: Path) -> None:
     metrics = dataclasses.replace(inputs.metrics, commands=Commands(run=None, finalize=COMMAND))
     write(dataclasses.replace(inputs, metrics=metrics), tmp_path)
-    page = (tmp_path / "report.html").read_text()
+    page = page_of(tmp_path)
     assert "not recorded" in page and "fer-search finalize --study" in page
 
 
@@ -101,18 +159,42 @@ def test_text_and_json(written: list[Path], inputs: Finalized) -> None:
 def test_without_baseline(inputs: Finalized, tmp_path: Path) -> None:
     no_baseline = dataclasses.replace(inputs, metrics=dataclasses.replace(inputs.metrics, baseline=None))
     written = write(no_baseline, tmp_path, with_baseline=False)
-    assert [p.name for p in written] == FILES
-    page = (tmp_path / "report.html").read_text()
+    assert [p.name for p in written] == list(ALL_REPORT_FILES)
+    page = page_of(tmp_path)
     assert "not retrained" in page and "baseline (seed" not in page and "the baseline were" not in page
     assert json.loads((tmp_path / "epoch_accs.json").read_text())["baseline"] is None
     assert "Baseline (the documented configuration" not in (tmp_path / "recalls_precisions.txt").read_text()
 
 
-def test_an_unwritable_folder_is_a_user_error_naming_it(inputs: Finalized, tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    with pytest.raises(UserError, match=re.escape(str(blocker / "final"))):
-        write(inputs, blocker / "final")
+def test_page_says_plainly_when_the_best_trial_is_the_baseline(inputs: Finalized) -> None:
+    won = baseline_won(inputs)
+    page = page_without_figures(won)
+    assert (
+        "The best trial found (#0) is the baseline configuration: finalize trained each seed once, "
+        "so the best trial&#x27;s runs are the baseline&#x27;s, shown once." in page
+    )
+    assert [row[0] for row in table_after(page, "<h2>Headline</h2>")[1:]] == ["best trial #0 = baseline"]
+    per_seed = table_after(page, "<h2>Per-seed results</h2>")[1:]
+    assert [row[:2] for row in per_seed] == [
+        [f"best trial #0 = baseline{' (shipped)' if seed == won.shipped.seed else ''}", str(seed)] for seed in (0, 1, 2)
+    ]
+    assert "baseline (seed" not in page and "the baseline were" not in page  # no second, identical set of columns
+    assert "The best trial has the baseline&#x27;s configuration." in page
+
+
+def test_importances_that_cannot_be_estimated_are_a_sentence_not_an_image(inputs: Finalized, tmp_path: Path) -> None:
+    (tmp_path / "param_importances.png").write_bytes(b"an earlier finalize's figure")
+    written = write(dataclasses.replace(inputs, study=toy_study(n_complete=6, n_pruned=2)), tmp_path)
+    assert [p.name for p in written] == list(REPORT_FILES)
+    assert not (tmp_path / "param_importances.png").exists()  # the earlier finalize's would mislead
+    page = page_of(tmp_path)
+    assert (
+        '<p class="note">Parameter importances are left out: they need at least 10 complete trials '
+        "(Optuna&#x27;s estimate contrasts the best tenth of them with all of them) and this study has 6.</p>"
+    ) in page
+    assert "param_importances.png" not in page and page.count("<img ") == 4
+    history = page[page.index("search_history.png: ") :]
+    assert '</figure><p class="note">Only 6 complete trials (fewer than 10): too few to read a trend.' in history
 
 
 def test_one_seed_has_no_std(inputs: Finalized, tmp_path: Path) -> None:
@@ -123,19 +205,164 @@ def test_one_seed_has_no_std(inputs: Finalized, tmp_path: Path) -> None:
         baseline=aggregate([inputs.baseline]),
     )
     write(dataclasses.replace(inputs, metrics=one_seed), tmp_path)
-    page = (tmp_path / "report.html").read_text()
+    page = page_of(tmp_path)
     assert "±" not in page and f"seed {inputs.shipped.seed} only, no spread" in page
     assert "±" not in (tmp_path / "recalls_precisions.txt").read_text()
 
 
-def test_a_study_without_complete_trials_still_gets_every_file(inputs: Finalized, tmp_path: Path) -> None:
+def test_a_study_without_complete_trials_still_gets_its_page(inputs: Finalized, tmp_path: Path) -> None:
     written = write(dataclasses.replace(inputs, study=toy_study(n_complete=0)), tmp_path)
-    assert [p.name for p in written] == FILES
-    page = (tmp_path / "report.html").read_text()
-    assert "The baseline has no complete trial in this study." in page and "PRUNED</td><td>1<" in page
+    assert [p.name for p in written] == [n for n in REPORT_FILES if n != "search_history.png"]
+    page = page_of(tmp_path)
+    assert "The baseline has no complete trial in this study." in page
+    assert '<td>PRUNED</td><td class="num">1</td>' in page and "No trial has completed." in page
+    assert "The search history is left out: no complete trial yet (of 1 trial)." in page
+    assert "Parameter importances are left out" in page
 
 
-def test_a_study_optuna_cannot_plot_still_gets_every_file(inputs: Finalized, tmp_path: Path) -> None:
+def test_a_study_optuna_cannot_plot_still_gets_its_page(inputs: Finalized, tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=3)
-    assert [p.name for p in write(dataclasses.replace(inputs, study=study), tmp_path)] == FILES
+    written = write(dataclasses.replace(inputs, study=study), tmp_path)
+    assert [p.name for p in written] == [n for n in REPORT_FILES if n != "search_history.png"]
+    assert "The search history is left out: Optuna could not draw it (" in page_of(tmp_path)
+
+
+def test_an_unwritable_folder_is_a_user_error_naming_it(inputs: Finalized, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=re.escape(str(blocker / "final"))):
+        write(inputs, blocker / "final")
+
+
+# --- when, how long, and the best trials --------------------------------------------------------
+
+START = datetime(2026, 1, 5, 8, 0)
+# Each complete trial's value, by number: the best ten are #7, #4, #10, #2, #12, #0 (the baseline), #6, #9, #1, #11.
+VALUES = [0.52, 0.47, 0.55, 0.41, 0.58, 0.44, 0.50, 0.61, 0.43, 0.49, 0.57, 0.46, 0.53, 0.40]
+
+
+def timed_trial(number: int, state: TrialState, value: float | None, minutes: int) -> FrozenTrial:
+    """Trial `number`, started at START + `number` hours, for `minutes`, with the attributes the objective sets."""
+    params = {"lr": 0.001 * (1 + number / 10), "batch_size": 64 if number % 2 else 128}
+    return FrozenTrial(
+        number=number,
+        state=state,
+        value=value,
+        datetime_start=START + timedelta(hours=number),
+        datetime_complete=START + timedelta(hours=number, minutes=minutes),
+        params=params,
+        distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True), "batch_size": IntDistribution(32, 256)},
+        user_attrs={
+            "trial_params": dataclasses.replace(BASELINE, **params).to_dict(),
+            "best_epoch": 1 + number % 5,
+            "epochs_run": 6,
+            **({"baseline": True} if number == 0 else {}),
+        },
+        system_attrs={},
+        intermediate_values={},
+        trial_id=number,
+    )
+
+
+def timed_study() -> optuna.Study:
+    """14 complete trials of 30 + n minutes each, then a pruned one of 10 minutes: 14 h 10 min, 8 h 41 min summed."""
+    study = optuna.create_study(direction="maximize", study_name="timed")
+    for number, value in enumerate(VALUES):
+        study.add_trial(timed_trial(number, TrialState.COMPLETE, value, 30 + number))
+    study.add_trial(timed_trial(len(VALUES), TrialState.PRUNED, None, 10))
+    return study
+
+
+def test_page_says_when_it_was_written_when_the_search_ran_and_how_long_each_took() -> None:
+    inputs = fake_inputs(timed_study())
+    written_at = datetime(2026, 1, 6, 9, 30).astimezone()
+    page = page_without_figures(inputs, written_at, finalize_started=written_at - timedelta(hours=2, minutes=7))
+    assert (
+        f"Report written {written_at:%Y-%m-%d %H:%M %Z}. The search ran from 2026-01-05 08:00 to 2026-01-05 22:10 "
+        "(its workers&#x27; clocks): 14 h 10 min wall clock; its 15 finished trials took 8 h 41 min in all. "
+        "Finalize took 2 h 07 min." in page
+    )
+    assert "Finalize took" not in page_without_figures(inputs, written_at)  # not known: not guessed
+
+
+def test_pages_are_dated_when_written(written: list[Path]) -> None:
+    page = page_of(written[0].parent)
+    modified = datetime.fromtimestamp((written[0].parent / "report.html").stat().st_mtime).astimezone()
+    dates = {f"{modified - timedelta(minutes=m):%Y-%m-%d %H:%M}" for m in (0, 1)}
+    assert any(f"Report written {date}" in page for date in dates)
+
+
+def test_page_lists_the_ten_best_complete_trials() -> None:
+    page = page_without_figures(fake_inputs(timed_study()))
+    assert "The 10 best of 14 complete trials, and the parameters in which they differ." in page
+    rows = table_after(page, "The best complete trials by PublicTest accuracy")
+    assert rows[0] == ["trial", "PublicTest accuracy", "best epoch", "epochs run", "minutes", "lr", "batch_\u200bsize"]
+    order = sorted(range(len(VALUES)), key=lambda n: -VALUES[n])[:10]
+    assert [row[0] for row in rows[1:]] == [f"#{n}" + (" (baseline)" if n == 0 else "") for n in order]
+    assert rows[1] == ["#7", "61.00%", "3", "6", "37.0", "0.0017", "64"]
+    assert rows[6] == ["#0 (baseline)", "52.00%", "1", "6", "30.0", "0.001", "128"]
+    assert "Same in all of them: dropout_pattern interlaced, dropout_high 0.5, dropout_low 0.3" in page
+
+
+# --- the page in a browser ----------------------------------------------------------------------
+
+# Appended to a copy of the page: once everything has loaded, it writes into the page how many images
+# there are and how many the browser decoded.
+VERDICT = """<script>
+addEventListener("load", () => {
+  const images = [...document.images];
+  const loaded = images.filter((image) => image.complete && image.naturalWidth > 0).length;
+  const verdict = document.createElement("pre");
+  verdict.id = "verdict";
+  verdict.textContent = `images=${images.length} loaded=${loaded} failed=${images.length - loaded}`;
+  document.body.append(verdict);
+});
+</script>"""
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Chromium's path; where it is missing, a skip, or a failure where CI is set: CI must render the page."""
+    found = shutil.which("chromium")
+    if found is None:
+        reason = "chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):  # as pgserver.in_ci reads it
+            pytest.fail(f"{reason}; CI is set, so the report must be rendered, not skipped", pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+def headless(browser: str, page: Path, profile: Path, *args: str) -> str:
+    """What headless Chromium prints (stdout) for `page`; its stderr (dbus and the like) is no verdict."""
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",  # as root, as in CI, Chromium will not start without it
+        "--disable-gpu",
+        "--allow-file-access-from-files",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *args,
+        page.as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def test_page_and_its_images_render_in_a_browser(chromium: str, written: list[Path], tmp_path: Path) -> None:
+    source = page_of(written[0].parent)
+    page = tmp_path / "report.html"
+    page.write_text(source.replace("</body>", VERDICT + "\n</body>"))
+    dom = headless(chromium, page, tmp_path / "profile", "--dump-dom")
+    verdict = re.search(r'<pre id="verdict">images=(\d+) loaded=(\d+) failed=(\d+)</pre>', dom)
+    assert verdict is not None, dom[-2000:]
+    images, loaded, failed = map(int, verdict.groups())
+    assert images == source.count("<img ") == 5 and loaded == images and failed == 0, verdict.group(0)
+    assert "<h2>Headline</h2>" in dom and "The best complete trials" in dom
+    shot = tmp_path / "shot.png"
+    headless(chromium, page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2400")
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2400)
+        low, high = image.convert("L").getextrema()
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert high - low > 100 and colours is not None and len(colours) > 50  # text, tables and a figure, not blank

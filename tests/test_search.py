@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -292,11 +293,62 @@ def test_a_hyperband_study_runs_to_its_total(tmp_path: Path, tiny_fer: Path) -> 
     assert len(finished(study)) == 6 and study.trials[0].user_attrs["baseline"] is True
 
 
-def test_progress_stays_off_a_terminal(tmp_path: Path, tiny_fer: Path) -> None:
+# A log line as it reaches a file: its time, level and logger, then the message.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO fer_search: (.*)$")
+
+
+def test_a_run_logging_to_a_file_writes_a_timestamped_line_for_each_trial_as_it_ends(
+    tmp_path: Path, tiny_fer: Path
+) -> None:
     config = write_config(tmp_path, tiny_fer)
-    result = cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu")
-    assert result.exit_code == 0
-    assert "\r" not in result.output and "\033[" not in result.output and "epoch 1/2" not in result.output
+    log = tmp_path / "run.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fer_search", "run", "--config", str(config), "--device", "cpu"]
+            + ["--trials", "4", "--epochs", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        wait_for(lambda: "trial 1 (worker 0) complete" in log.read_text() or proc.poll() is not None, 240, "trial 1")
+        assert proc.poll() is None, log.read_text()  # written when the trial ended, not when the run did
+        assert proc.wait(timeout=240) == 0, log.read_text()
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert "\r" not in text and "\033[" not in text  # no progress bars off a terminal
+    messages = [m.group(1) for m in map(LOG_LINE.match, text.splitlines()) if m]
+    ends = [m for m in messages if re.match(r"trial \d+ \((baseline, )?worker 0\) (complete|pruned)", m)]
+    assert [int(m.split()[1]) for m in ends] == [0, 1, 2, 3], text
+    assert "complete: val_acc " in ends[0] and "% at epoch " in ends[0]
+    assert f"best so far {load(tmp_path).best_value:.2%}" in ends[-1], ends[-1]
+    assert all("; took " in m and " lr=" in m and "batch_size=" in m for m in ends)
+    starts = [m for m in messages if re.match(r"trial \d+ (\(baseline\) )?started on cpu \(worker 0\): ", m)]
+    assert len(starts) == 4, text
+    assert sum(m.startswith("on the CPU an epoch took ") for m in messages) == 1, text
+    assert not any(" epoch 1/2: val_acc " in m for m in messages)  # epochs only with -v
+
+
+@pytest.mark.parametrize("flag, trials_logged, epochs_logged", [("-q", False, False), ("-v", True, True)])
+def test_quiet_and_verbose_runs_log_less_and_more(
+    tmp_path: Path,
+    tiny_fer: Path,
+    caplog: pytest.LogCaptureFixture,
+    flag: str,
+    trials_logged: bool,
+    epochs_logged: bool,
+) -> None:
+    config = write_config(tmp_path, tiny_fer)
+    result = cli("run", "--config", config, "--trials", 1, "--epochs", 2, "--device", "cpu", flag)
+    assert result.exit_code == 0, result.output
+    messages = [r.getMessage() for r in caplog.records if r.name == "fer_search"]
+    assert any(m.startswith("trial 0 (baseline, worker 0) complete") for m in messages) == trials_logged, messages
+    assert any(m.startswith("trial 0 (worker 0) epoch 1/2: val_acc ") for m in messages) == epochs_logged, messages
+
+
+def test_quiet_and_verbose_together_is_a_mistake(tmp_path: Path, tiny_fer: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--config", str(write_config(tmp_path, tiny_fer)), "-q", "-v"])
+    assert result.exit_code == 2 and "-q and -v" in result.output, result.output
 
 
 def test_a_trial_failed_before_its_retry_is_enqueued_holds_off_new_trials() -> None:

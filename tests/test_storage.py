@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import io
 import json
+import logging
 import multiprocessing
 import queue
 import sqlite3
@@ -25,11 +26,13 @@ from fer_search.errors import UserError
 from fer_search.storage import (
     SQLITE_BUSY_TIMEOUT_MS,
     Heartbeat,
+    LoggedRetry,
     disk_full_error,
     load_existing_study,
     open_artifact_store,
     open_existing_storage,
     open_storage,
+    redacted,
 )
 
 WORKERS = 4
@@ -361,3 +364,40 @@ def test_status_reads_a_study_in_a_folder_it_cannot_write_to(
     assert trials["COMPLETE"] == 2 and trials["RUNNING"] == (1 if live_writer else 0)
     assert sorted(p.name for p in folder.iterdir()) == before
     writer.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql+psycopg://fer:s3cret@db:5432/fer", "postgresql+psycopg://fer:***@db:5432/fer"),
+        (
+            "postgresql://fer@db/fer?password=s3cret&sslmode=require",
+            "postgresql://fer@db/fer?password=***&sslmode=require",
+        ),
+        ("postgresql://fer@db/fer?sslpassword=s3cret", "postgresql://fer@db/fer?sslpassword=***"),
+        ("postgresql://fer:s3c@ret@db/fer", "postgresql://***@db/fer"),  # an unescaped '@': SQLAlchemy splits it
+        ("post gres://fer:s3cret@db/fer?PASSWORD=s3cret", "***@db/fer?PASSWORD=***"),  # not a URL at all
+        ("sqlite:////srv/studies/fer2013.db", "sqlite:////srv/studies/fer2013.db"),
+    ],
+)
+def test_redacted_urls_hold_no_password_anywhere(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+    assert "s3c" not in redacted(url)
+
+
+def test_a_retried_trial_says_so_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "fer_search")
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    retry = LoggedRetry(max_retry=1)
+    first = study.ask()
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    retry(study, study.trials[first.number])
+    again = study.ask()  # the retry, queued
+    assert again.number == 1
+    study.tell(again, state=optuna.trial.TrialState.FAIL)
+    retry(study, study.trials[again.number])
+    assert [r.getMessage() for r in caplog.records] == [
+        "trial 0 failed, its worker gone; queued again (retry 1 of 1) to continue from its checkpoint",
+        "trial 1 failed, its worker gone; not retried: it was retried 1 times already (run.max_retry)",
+    ]
+    assert len(study.trials) == 2  # no third

@@ -1,0 +1,216 @@
+"""How a running search or finalize shows itself: its events, its log lines' words, progress bars on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+log = logging.getLogger("fer_search")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One trial's news for the live display: it started (epoch = the epochs it resumes after), an epoch
+    ended, or it ended (state = its final state's name)."""
+
+    worker: int
+    trial: int
+    epoch: int
+    epochs: int
+    val_acc: float
+    best: float | None
+    state: str = "RUNNING"  # STARTED, RUNNING, or COMPLETE, PRUNED, FAIL
+
+
+@dataclass(frozen=True)
+class StudyCount:
+    """How many of the study's trials are finished, of the `trials` wanted: sent as a worker joins and as trials end."""
+
+    finished: int
+    trials: int
+
+
+@dataclass(frozen=True)
+class FinalizePlan:
+    """How many epochs finalize has left to train, over all its seed runs: sent before the first."""
+
+    epochs: int
+
+
+@dataclass(frozen=True)
+class SeedEpoch:
+    """One epoch of a finalize seed run ended."""
+
+    label: str
+    epoch: int
+    epochs: int
+    val_acc: float
+
+
+# Gets each event, and the log lines to show above the live progress bars (str).
+ProgressFn = Callable[[Progress | StudyCount | str], None]
+FinalizeFn = Callable[[FinalizePlan | SeedEpoch | str], None]
+
+
+def duration_text(seconds: float) -> str:
+    """42s, 4m05s, 3h07m: a duration at the precision a user reads it."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def accuracy_text(value: float | None) -> str:
+    """An accuracy as the reports print it (48.68%); '-' when there is none yet."""
+    return "-" if value is None or math.isnan(value) else f"{value:.2%}"
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    """A trial's parameters on one line; the dropout rates a pattern leaves unused (None) are left out."""
+    return " ".join(f"{k}={_short(v)}" for k, v in params.items() if v is not None)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cpu_estimate_text(epoch_s: float, epochs: int, trials_left: int, workers: int) -> str:
+    """What a first epoch on the CPU says of the study's length: the most it can take, and why it is less."""
+    most = epoch_s * epochs * math.ceil(trials_left / workers)
+    return (
+        f"on the CPU an epoch took {duration_text(epoch_s)}: the {trials_left} trials left, at up to {epochs} epochs "
+        f"each over {workers} worker{'s' if workers > 1 else ''} here, take up to {duration_text(most)} "
+        "(pruning stops most trials early, often halving that; a GPU is many times faster)"
+    )
+
+
+class Eta:
+    """Time left for `total` units of work, at the pace of those done since it started."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.done, self.clock = total, 0, clock
+        self.started = clock()
+
+    def step(self) -> None:
+        self.done += 1
+
+    def seconds_left(self) -> float | None:
+        """None before the first unit is done: there is no pace yet."""
+        if not self.done:
+            return None
+        return (self.clock() - self.started) / self.done * max(0, self.total - self.done)
+
+
+def bar_of(file: TextIO, position: int, desc: str, total: int, unit: str, initial: int = 0) -> tqdm:
+    """A bar that says what is done of what, the time spent and the time left, and vanishes when closed."""
+    # smoothing=0: the ETA from the average pace since the start, not from the last step alone
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=f" {unit}",
+        position=position,
+        leave=False,
+        file=file,
+        smoothing=0,
+        dynamic_ncols=True,
+        bar_format="{desc} |{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}{postfix}]",
+    )
+
+
+class SearchBars:
+    """On a terminal: a bar for the study (trials finished, with its ETA) and one per local worker (its
+    trial's epochs, with the trial's ETA); log lines are printed above them."""
+
+    def __init__(self, file: TextIO = sys.stderr) -> None:
+        self.file = file
+        self.study: tqdm | None = None
+        self.workers: dict[int, tqdm] = {}
+
+    def __call__(self, event: Progress | StudyCount | str) -> None:
+        if isinstance(event, str):
+            tqdm.write(event, file=self.file)
+        elif isinstance(event, StudyCount):
+            self._count(event)
+        else:
+            self._trial(event)
+
+    def _count(self, event: StudyCount) -> None:
+        if self.study is None:
+            # initial: the trials finished before this run, which tell nothing of its pace
+            self.study = bar_of(self.file, 0, "study", event.trials, "trials", initial=event.finished)
+        self.study.total = max(event.trials, event.finished)
+        self.study.n = event.finished
+        self.study.refresh()
+
+    def _trial(self, event: Progress) -> None:
+        bar = self.workers.get(event.worker)
+        if bar is None:
+            bar = self.workers[event.worker] = bar_of(
+                self.file, 1 + event.worker, f"w{event.worker}", event.epochs, "epochs"
+            )
+        if event.state == "STARTED":
+            bar.reset(total=event.epochs)
+            bar.initial = bar.n = event.epoch  # a resumed trial's earlier epochs tell nothing of its pace
+            bar.set_description(f"w{event.worker} trial {event.trial}", refresh=False)
+            bar.set_postfix_str(f"best {accuracy_text(event.best)}")
+        elif event.state == "RUNNING":
+            bar.n = event.epoch
+            bar.set_postfix_str(f"val {accuracy_text(event.val_acc)} best {accuracy_text(event.best)}")
+        else:
+            bar.set_description(f"w{event.worker} waiting for a trial")
+
+    def close(self) -> None:
+        for bar in [*self.workers.values(), *([self.study] if self.study else [])]:
+            bar.close()
+
+
+class FinalizeProgress:
+    """finalize's progress: its notes as log lines; on a terminal a bar over all epochs left to train, with
+    the ETA, elsewhere a log line per epoch that ends with the ETA."""
+
+    def __init__(self, bar: bool, file: TextIO = sys.stderr) -> None:
+        self.file = file
+        self.use_bar = bar
+        self.bar: tqdm | None = None
+        self.eta: Eta | None = None
+
+    def __call__(self, event: FinalizePlan | SeedEpoch | str) -> None:
+        if isinstance(event, str):
+            log.info(event)  # to stderr with its time, or on a terminal through write_line above the bar
+        elif isinstance(event, FinalizePlan):
+            self.eta = Eta(event.epochs)
+            if self.use_bar:
+                self.bar = bar_of(self.file, 0, "finalize", event.epochs, "epochs")
+        else:
+            self._epoch(event)
+
+    def write_line(self, line: str) -> None:
+        """Print a log line above the bar (on a terminal, the log's lines come here: see errors.logging_to)."""
+        tqdm.write(line, file=self.file)
+
+    def _epoch(self, event: SeedEpoch) -> None:
+        text = f"{event.label}: epoch {event.epoch}/{event.epochs} val_acc {accuracy_text(event.val_acc)}"
+        if self.eta is not None:
+            self.eta.step()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text)
+            log.debug(text)  # -v: every epoch above the bar too
+            return
+        left = None if self.eta is None else self.eta.seconds_left()
+        done = "" if self.eta is None else f"; finalize {self.eta.done}/{self.eta.total} epochs"
+        log.info("%s%s%s", text, done, "" if left is None else f", about {duration_text(left)} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

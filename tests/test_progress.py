@@ -1,0 +1,100 @@
+"""progress: the words of the log lines, the ETA, the terminal's bars, finalize's lines with their ETA."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from fer_search.progress import (
+    Eta,
+    FinalizePlan,
+    FinalizeProgress,
+    Progress,
+    SearchBars,
+    SeedEpoch,
+    StudyCount,
+    accuracy_text,
+    cpu_estimate_text,
+    duration_text,
+    params_text,
+)
+
+
+@pytest.mark.parametrize(
+    "seconds, text", [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (245, "4m05s"), (3600 * 3 + 7 * 60 + 59, "3h07m")]
+)
+def test_durations_read_at_a_users_precision(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
+
+
+def test_accuracies_are_percents_as_in_the_report() -> None:
+    assert accuracy_text(0.48679) == "48.68%"
+    assert accuracy_text(None) == accuracy_text(float("nan")) == "-"
+
+
+def test_params_leave_out_the_unused_dropout_rates() -> None:
+    text = params_text({"dropout_pattern": "head", "dropout_high": None, "lr": 0.000123456, "width": 1.5})
+    assert text == "dropout_pattern=head lr=0.0001235 width=1.5"
+
+
+def test_the_cpu_estimate_is_the_most_the_study_takes() -> None:
+    text = cpu_estimate_text(epoch_s=40, epochs=30, trials_left=49, workers=2)
+    assert "40s" in text and "49 trials left" in text and "2 workers" in text
+    assert "up to 8h20m" in text  # 25 rounds of two trials, 30 epochs of 40 s each
+
+
+def test_eta_is_the_pace_so_far_times_the_work_left() -> None:
+    now = [100.0]
+    eta = Eta(10, clock=lambda: now[0])
+    assert eta.seconds_left() is None  # no pace yet
+    now[0] = 130.0
+    eta.step()
+    eta.step()
+    assert eta.seconds_left() == pytest.approx(15 * 8)
+
+
+def test_search_bars_show_each_workers_trial_and_the_study() -> None:
+    screen = io.StringIO()
+    bars = SearchBars(screen)
+    bars(StudyCount(finished=3, trials=10))
+    bars(Progress(worker=0, trial=4, epoch=0, epochs=30, val_acc=float("nan"), best=0.5, state="STARTED"))
+    bars(Progress(worker=1, trial=5, epoch=7, epochs=30, val_acc=float("nan"), best=0.5, state="STARTED"))
+    bars(Progress(worker=0, trial=4, epoch=2, epochs=30, val_acc=0.41, best=0.5))
+    drawn = screen.getvalue()
+    assert "study" in drawn and "3/10 trials" in drawn
+    assert "w0 trial 4" in drawn and "2/30 epochs" in drawn and "val 41.00% best 50.00%" in drawn
+    assert "w1 trial 5" in drawn and "7/30 epochs" in drawn  # a resumed trial starts where it left off
+    bars("2026-11-30 10:00:00 INFO fer_search: trial 3 (worker 1) complete")
+    assert "trial 3 (worker 1) complete\n" in screen.getvalue()  # a whole line above the bars
+    bars(Progress(worker=0, trial=4, epoch=6, epochs=30, val_acc=0.45, best=0.5, state="PRUNED"))
+    bars(StudyCount(finished=4, trials=10))
+    assert "w0 waiting for a trial" in screen.getvalue() and "4/10 trials" in screen.getvalue()
+    bars.close()
+
+
+def test_finalize_off_a_terminal_logs_each_epoch_with_the_eta(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "fer_search")
+    shown = FinalizeProgress(bar=False, file=io.StringIO())
+    shown("best seed 0: reusing the finished run in runs/x.pt")
+    shown(FinalizePlan(epochs=4))
+    shown(SeedEpoch("best seed 1", 1, 2, 0.4))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "best seed 0: reusing the finished run in runs/x.pt"
+    assert lines[1].startswith("best seed 1: epoch 1/2 val_acc 40.00%; finalize 1/4 epochs, about ")
+    assert lines[1].endswith(" left")
+    shown.close()
+
+
+def test_finalize_on_a_terminal_draws_one_bar_over_every_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "fer_search")
+    screen = io.StringIO()
+    shown = FinalizeProgress(bar=True, file=screen)
+    shown(FinalizePlan(epochs=4))
+    shown(SeedEpoch("baseline seed 0", 1, 2, 0.4))
+    shown.write_line("a log line")
+    assert "finalize" in screen.getvalue() and "1/4 epochs" in screen.getvalue()
+    assert "a log line\n" in screen.getvalue()
+    assert not [r for r in caplog.records if "epoch 1/2" in r.getMessage()]  # -v alone adds them as lines
+    shown.close()
