@@ -18,7 +18,7 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial
 
 from fer_search.errors import UserError, first_line
-from fer_search.status import retried_from
+from fer_search.status import full_params, retried_from, trial_seconds
 from fer_search.storage import open_artifact_store
 
 log = logging.getLogger("fer_search")
@@ -95,18 +95,12 @@ def _row(trial: FrozenTrial, params: dict[str, Any], param_names: list[str]) -> 
         _finite(trial.value),
         _iso(start),
         _iso(complete),
-        (complete - start).total_seconds() if start and complete else None,
+        trial_seconds(trial),
         *(_finite(params.get(name)) for name in param_names),
         *(_user_attr(trial, name) for name in USER_ATTRS),
         retried_from(trial),
         trial.state.name,
     ]
-
-
-def full_params(trial: FrozenTrial) -> dict[str, Any]:
-    """The trial's TrialParams as recorded by its worker (fixed values included), else Optuna's params."""
-    recorded = trial.user_attrs.get("trial_params")
-    return recorded if isinstance(recorded, dict) else dict(trial.params)
 
 
 def _user_attr(trial: FrozenTrial, name: str) -> Any:

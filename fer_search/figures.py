@@ -49,8 +49,7 @@ class Plot:
 def report_figures(f: Finalized) -> dict[str, Plot]:
     """Every figure of the reports, by file name (FIGURE_NAMES, in order)."""
     protocol, shipped = f.metrics.protocol, f.shipped
-    same = " = baseline" if best_is_baseline(f.metrics) else ""
-    shipped_label = f"shipped model (best trial #{f.metrics.best_trial.number}{same}, seed {shipped.seed})"
+    shipped_label = f"shipped model ({best_name(f.metrics)}, seed {shipped.seed})"
     return {
         "confusion.png": Plot(confusion_png(shipped.private_test, f.classes, shipped_label, protocol.test)),
         "performance.png": Plot(performance_png(shipped, compared_baseline(f), shipped_label, protocol.val)),
@@ -65,6 +64,12 @@ def report_figures(f: Finalized) -> dict[str, Plot]:
 def best_is_baseline(metrics: FinalMetrics) -> bool:
     """Whether the best trial has the baseline's configuration: finalize then trained each seed once, for both."""
     return metrics.baseline is not None and metrics.best_trial.params == BASELINE
+
+
+def best_name(metrics: FinalMetrics) -> str:
+    """The best trial as every report names it, saying so where it is the baseline."""
+    same = " = baseline" if best_is_baseline(metrics) else ""
+    return f"best trial #{metrics.best_trial.number}{same}"
 
 
 def compared_baseline(f: Finalized) -> SeedRun | None:

@@ -60,18 +60,23 @@ FinalizeFn = Callable[[FinalizePlan | SeedEpoch | str], None]
 
 
 def duration_text(seconds: float) -> str:
-    """42s, 4m05s, 3h07m: a duration at the precision a user reads it."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    """A duration as people read it, in the log lines and the report: 42 s, 12 min 05 s, 3 h 07 min."""
+    whole = max(0, round(seconds))  # workers' clocks may disagree: never a negative time
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def percent(fraction: float) -> str:
+    """An accuracy as the reports and the CLI print it: 48.68%."""
+    return f"{fraction:.2%}"
 
 
 def accuracy_text(value: float | None) -> str:
-    """An accuracy as the reports print it (48.68%); '-' when there is none yet."""
-    return "-" if value is None or math.isnan(value) else f"{value:.2%}"
+    """percent(value); '-' when there is none yet."""
+    return "-" if value is None or math.isnan(value) else percent(value)
 
 
 def params_text(params: Mapping[str, Any]) -> str:
@@ -188,9 +193,10 @@ class FinalizeProgress:
         if isinstance(event, str):
             log.info(event)  # to stderr with its time, or on a terminal through write_line above the bar
         elif isinstance(event, FinalizePlan):
-            self.eta = Eta(event.epochs)
-            if self.use_bar:
+            if self.use_bar:  # the bar keeps its own time
                 self.bar = bar_of(self.file, 0, "finalize", event.epochs, "epochs")
+            else:
+                self.eta = Eta(event.epochs)
         else:
             self._epoch(event)
 
@@ -200,15 +206,17 @@ class FinalizeProgress:
 
     def _epoch(self, event: SeedEpoch) -> None:
         text = f"{event.label}: epoch {event.epoch}/{event.epochs} val_acc {accuracy_text(event.val_acc)}"
-        if self.eta is not None:
-            self.eta.step()
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text)
             log.debug(text)  # -v: every epoch above the bar too
             return
-        left = None if self.eta is None else self.eta.seconds_left()
-        done = "" if self.eta is None else f"; finalize {self.eta.done}/{self.eta.total} epochs"
+        if self.eta is None:  # no plan told (a caller that skips it): the epoch alone
+            log.info("%s", text)
+            return
+        self.eta.step()
+        left = self.eta.seconds_left()
+        done = f"; finalize {self.eta.done}/{self.eta.total} epochs"
         log.info("%s%s%s", text, done, "" if left is None else f", about {duration_text(left)} left")
 
     def close(self) -> None:

@@ -25,11 +25,11 @@ from fer_search.figures import (
 from fer_search.files import write_file
 from fer_search.metrics import ClassScores
 from fer_search.model import BASELINE, TrialParams
+from fer_search.progress import duration_text, percent
 from fer_search.results import BestTrial, Finalized, FinalMetrics
+from fer_search.status import full_params, trial_seconds
 from fer_search.tables import (
-    duration_text,
     epoch_accs_json,
-    percent,
     recalls_precisions_text,
     retrained,
     same_runs_text,
@@ -300,7 +300,7 @@ def _top_trials_html(study: optuna.Study, val_split: str) -> str:
     if not complete:
         return _p("No trial has completed.")
     top = sorted(complete, key=lambda t: (-_objective(t), t.number))[:TOP_TRIALS]
-    params = [t.user_attrs.get("trial_params", t.params) for t in top]
+    params = [full_params(t) for t in top]
     names = list(dict.fromkeys(name for p in params for name in p))
     differing = [n for n in names if len({repr(p.get(n)) for p in params}) > 1]
     # A zero-width space after each underscore lets a long parameter name wrap there, not widen the table.
@@ -335,8 +335,8 @@ def _attr_cell(trial: FrozenTrial, name: str) -> Cell:
 
 def _minutes_cell(trial: FrozenTrial) -> Cell:
     """How long the trial ran, in minutes: one unit down the column, so that trials compare at a glance."""
-    span = _trial_span(trial)
-    return "—" if span is None else Num(f"{(span[1] - span[0]).total_seconds() / 60:.1f}")
+    seconds = trial_seconds(trial)
+    return "—" if seconds is None else Num(f"{seconds / 60:.1f}")
 
 
 def _reproduce_html(metrics: FinalMetrics) -> str:

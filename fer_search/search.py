@@ -29,7 +29,7 @@ from fer_search.processes import (
     stop_processes,
 )
 from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text, duration_text, params_text
-from fer_search.status import best_value, count_trials, study_status
+from fer_search.status import best_trial, count_trials, full_params, study_status, trial_seconds
 from fer_search.storage import Heartbeat, disk_full_error, opened_storage
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
 from fer_search.train import configure_cpu_threads, resolve_device
@@ -250,7 +250,8 @@ class RetryWatch:
 
 def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, progress: ProgressFn | None) -> None:
     """The ended trial's log line, and its events for the live display."""
-    log.info("%s", ended_text(trial, objective.worker, objective.config.run.epochs, _best_trial(study)))
+    best = best_trial(study)
+    log.info("%s", ended_text(trial, objective.worker, objective.config.run.epochs, best))
     if progress is None:
         return
     value = trial.value if trial.value is not None else float("nan")
@@ -262,7 +263,7 @@ def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, pro
             epochs,
             objective.config.run.epochs,
             value,
-            best_value(study),
+            None if best is None else best.value,
             trial.state.name,
         )
     )
@@ -278,22 +279,12 @@ def ended_text(trial: FrozenTrial, worker: int, epochs: int, best: FrozenTrial |
         how = f"pruned after epoch {run} of {epochs}: val_acc {accuracy_text(trial.value)}"
     else:
         how = f"failed after {run} epochs: {trial.user_attrs.get(FAIL_REASON, 'see the lines above')}"
-    took = (
-        duration_text((trial.datetime_complete - trial.datetime_start).total_seconds())
-        if trial.datetime_complete and trial.datetime_start
-        else "-"
-    )
+    seconds = trial_seconds(trial)
+    took = "-" if seconds is None else duration_text(seconds)
     so_far = "no trial complete yet" if best is None else f"{accuracy_text(best.value)} (trial {best.number})"
-    params = params_text(trial.user_attrs.get("trial_params", trial.params))
+    params = params_text(full_params(trial))
     who = f"baseline, worker {worker}" if trial.user_attrs.get("baseline") else f"worker {worker}"
     return f"trial {trial.number} ({who}) {how}; best so far {so_far}; took {took}; {params}"
-
-
-def _best_trial(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no trial complete yet
-        return None
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> bool:

@@ -26,18 +26,12 @@ def study_status(study: optuna.Study, now: datetime | None = None) -> dict[str, 
     baselines = [t for t in trials if t.user_attrs.get("baseline")]
     finished_baselines = [t for t in baselines if t.state in FINISHED]
     baseline = (finished_baselines or baselines)[-1] if baselines else None
-    seconds = sum(
-        (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in trials
-        if t.datetime_complete and t.datetime_start
-    )
+    seconds = sum(s for t in trials if (s := trial_seconds(t)) is not None)
     running = running_seconds(trials, datetime.now() if now is None else now)
     return {
         "study": study.study_name,
         "trials": counts,
-        "best": None
-        if best is None
-        else {"number": best.number, "value": best.value, "params": best.user_attrs.get("trial_params", best.params)},
+        "best": None if best is None else {"number": best.number, "value": best.value, "params": full_params(best)},
         "baseline": None
         if baseline is None
         else {"number": baseline.number, "value": baseline.value, "state": baseline.state.name},
@@ -96,12 +90,31 @@ def _value(trial: FrozenTrial) -> float:
     return trial.value if trial.value is not None else -math.inf  # a COMPLETE trial always has one
 
 
-def best_value(study: optuna.Study) -> float | None:
-    """The best complete trial's value; None before the first trial completes."""
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial; None before the first trial completes."""
     try:
-        return study.best_value
+        return study.best_trial
     except ValueError:
         return None
+
+
+def best_value(study: optuna.Study) -> float | None:
+    """The best complete trial's value; None before the first trial completes."""
+    best = best_trial(study)
+    return None if best is None else best.value
+
+
+def trial_seconds(trial: FrozenTrial) -> float | None:
+    """How long a trial ran, by its storage's timestamps; None for one that has not ended (or never started)."""
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def full_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's TrialParams as recorded by its worker (fixed values included), else Optuna's params."""
+    recorded = trial.user_attrs.get("trial_params")
+    return recorded if isinstance(recorded, dict) else dict(trial.params)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from fer_search.figures import best_is_baseline, shown_runs
+from fer_search.figures import best_is_baseline, best_name, shown_runs
 from fer_search.metrics import ClassificationReport
+from fer_search.progress import percent
 from fer_search.results import Aggregate, FinalMetrics, SeedRun, Splits
 
 
@@ -37,12 +38,6 @@ def _accuracies_text(agg: Aggregate) -> str:
         f"private_test {_mean_std(agg, _test_accuracy, percent)}, "
         f"test_all {_mean_std(agg, _test_all_accuracy, percent)} ({seeds} seed{'' if seeds == 1 else 's'})"
     )
-
-
-def best_name(metrics: FinalMetrics) -> str:
-    """The best trial as every report names it, saying so where it is the baseline."""
-    same = " = baseline" if best_is_baseline(metrics) else ""
-    return f"best trial #{metrics.best_trial.number}{same}"
 
 
 def same_runs_text(metrics: FinalMetrics) -> str:
@@ -157,19 +152,5 @@ def _mean_std(agg: Aggregate, figure: Callable[[Splits], float], fmt: Callable[[
     return mean if agg.std is None else f"{mean} ± {fmt(figure(agg.std))}"
 
 
-def percent(fraction: float) -> str:
-    return f"{fraction:.2%}"
-
-
 def three_places(value: float) -> str:
     return f"{value:.3f}"
-
-
-def duration_text(seconds: float) -> str:
-    """A duration as people read it: 42 s, 12 min 05 s, 3 h 07 min."""
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60:02d} s"
-    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"

@@ -23,9 +23,23 @@ from fer_search.progress import (
 
 
 @pytest.mark.parametrize(
-    "seconds, text", [(0, "0s"), (42.4, "42s"), (59.6, "1m00s"), (245, "4m05s"), (3600 * 3 + 7 * 60 + 59, "3h07m")]
+    "seconds, text",
+    [
+        (-3, "0 s"),  # clocks that disagree
+        (0, "0 s"),
+        (0.4, "0 s"),
+        (42.4, "42 s"),
+        (59.4, "59 s"),
+        (59.6, "1 min 00 s"),
+        (60, "1 min 00 s"),
+        (245, "4 min 05 s"),
+        (725, "12 min 05 s"),
+        (3599.6, "1 h 00 min"),
+        (11220, "3 h 07 min"),
+        (3600 * 3 + 7 * 60 + 59, "3 h 07 min"),
+    ],
 )
-def test_durations_read_at_a_users_precision(seconds: float, text: str) -> None:
+def test_durations_read_as_people_say_them(seconds: float, text: str) -> None:
     assert duration_text(seconds) == text
 
 
@@ -41,8 +55,8 @@ def test_params_leave_out_the_unused_dropout_rates() -> None:
 
 def test_the_cpu_estimate_is_the_most_the_study_takes() -> None:
     text = cpu_estimate_text(epoch_s=40, epochs=30, trials_left=49, workers=2)
-    assert "40s" in text and "49 trials left" in text and "2 workers" in text
-    assert "up to 8h20m" in text  # 25 rounds of two trials, 30 epochs of 40 s each
+    assert "40 s" in text and "49 trials left" in text and "2 workers" in text
+    assert "up to 8 h 20 min" in text  # 25 rounds of two trials, 30 epochs of 40 s each
 
 
 def test_eta_is_the_pace_so_far_times_the_work_left() -> None:

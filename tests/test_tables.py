@@ -9,7 +9,7 @@ import pytest
 from finalizing import Finalized, baseline_won, fake_inputs, toy_study
 
 from fer_search.results import aggregate
-from fer_search.tables import duration_text, recalls_precisions_text, summary_text
+from fer_search.tables import recalls_precisions_text, summary_text
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +57,3 @@ def test_recalls_precisions_give_the_baselines_runs_once_where_they_are_the_best
     assert "Baseline (the documented configuration" not in text and "not retrained" not in text
     summary = text[text.index("Summary over seeds") :].splitlines()
     assert [line.split("  ")[1] for line in summary[2:-1]] == ["best trial #0 = baseline"]
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (0.4, "0 s"),
-        (59.4, "59 s"),
-        (60, "1 min 00 s"),
-        (725, "12 min 05 s"),
-        (3599.6, "1 h 00 min"),
-        (11220, "3 h 07 min"),
-    ],
-)
-def test_durations_read_as_people_say_them(seconds: float, text: str) -> None:
-    assert duration_text(seconds) == text
