@@ -53,6 +53,12 @@ def test_bad_storage_url_exits_2(config: Path, url: str, named: str) -> None:
     assert "secret" not in output
 
 
+def test_a_password_with_a_raw_at_sign_is_refused_without_showing_it(config: Path) -> None:
+    code, output = invoke("status", "--config", config, "--storage", "postgresql+psycopg://u:pa@ss@127.0.0.1:1/db")
+    assert_one_line_error(code, output, "%40", "PGPASSWORD")
+    assert "pa@ss" not in output and "ss@127" not in output
+
+
 def test_unknown_study_exits_2(config: Path) -> None:
     optuna.create_study(study_name="other", storage=f"sqlite:///{config.parent}/s.db")
     code, output = invoke(
