@@ -261,6 +261,10 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default studies/<study>/final)")
 @click.option("--jobs", type=int, help="seed runs trained at once, in as many processes sharing the device")
+@click.option("--top-k", type=int, help="re-rank the K best trials by retrained validation accuracy (1: no re-ranking)")
+@click.option("--selection-seeds", type=int, help="retrainings of each re-ranked trial")
+@click.option("--flip", help="average each face with its mirror image: auto (decided on validation), on or off")
+@click.option("--ensemble", is_flag=True, default=None, help="ship the seeds' averaged probabilities as one model")
 @verbosity_options
 def finalize(
     study: str | None,
@@ -273,10 +277,14 @@ def finalize(
     device: str | None,
     out: Path | None,
     jobs: int | None,
+    top_k: int | None,
+    selection_seeds: int | None,
+    flip: str | None,
+    ensemble: bool | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Retrain the best trial and the baseline, evaluate on the test set, write the reports."""
+    """Re-rank the top trials, retrain the best and the baseline, evaluate on the test set, write the reports."""
     _set_verbosity(quiet, verbose)
     with signals_deferred():  # torch's import cannot be interrupted cleanly
         from fer_search.finalize import finalize_study
@@ -294,6 +302,10 @@ def finalize(
             "finalize.out": out,
             "finalize.baseline": None if no_baseline is None else not no_baseline,
             "finalize.jobs": jobs,
+            "finalize.top_k": top_k,
+            "finalize.selection_seeds": selection_seeds,
+            "finalize.flip": flip,
+            "finalize.ensemble": ensemble,
         },
     )
     shown = FinalizeProgress(bar=sys.stderr.isatty())

@@ -16,6 +16,7 @@ PATTERNS = ("none", "head", "every", "alternate", "interlaced")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("plateau", "cosine")
 PRUNERS = ("percentile", "median", "hyperband", "none")
+FLIPS = ("auto", "on", "off")  # finalize.flip: decided on validation, always, never
 
 # The model family's limits, by TrialParams field. They live here, not in model.py, because the
 # [space] check below needs them and status and dashboard load the config without importing torch;
@@ -175,6 +176,15 @@ class FinalizeConfig:
     epochs: int = 0  # 0 = the study's epochs
     out: Path | None = None  # None = <study dir>/<study>/final
     jobs: int = 1  # seed runs trained at once, each in its own process sharing the device; 1 = in this process
+    # Re-ranking: the top_k trials by search score are retrained selection_seeds times and the best mean
+    # validation accuracy is finalized. A search score moves by about 0.8 points from seed to seed, so
+    # the runner-up of 50 is often as good as the best; 3 candidates catch most such near-ties, and 2
+    # seeds halve a candidate's variance while the winner's runs serve as its first finalize seeds
+    # (ARCHITECTURE.md, "What finalize writes"). 1 = the search's best, as it is.
+    top_k: int = 3
+    selection_seeds: int = 2
+    flip: str = "auto"  # average each face with its mirror image: auto (decided on validation), on, off
+    ensemble: bool = False  # ship the seeds' averaged probabilities as one model file
 
 
 @dataclass(frozen=True)
@@ -346,6 +356,7 @@ AT_LEAST: dict[str, float] = {
     "run.seed": 0, "data.split_seed": 0,
     "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
     "pruner.reduction_factor": 2, "pruner.min_delta": 0, "finalize.seeds": 1, "finalize.epochs": 0, "finalize.jobs": 1,
+    "finalize.top_k": 1, "finalize.selection_seeds": 1,
 }
 # fmt: on
 
@@ -414,6 +425,8 @@ def _check_consistency(config: Config, origins: dict[str, str]) -> None:
         fail("pruner.percentile", "must lie in (0, 100)")
     if not 0 < config.data.val_fraction < 1:
         fail("data.val_fraction", "must lie in (0, 1)")
+    if config.finalize.flip not in FLIPS:
+        fail("finalize.flip", f"not one of {', '.join(FLIPS)}")
     if not is_device_name(r.device):
         fail("run.device", "not auto, cpu, cuda or cuda:K")
     if not is_study_name(config.study.name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fer_search.metrics import ClassificationReport
 from fer_search.model import BASELINE
-from fer_search.results import Finalized, FinalMetrics, SeedRun
+from fer_search.results import Finalized, FinalMetrics, SeedRun, Shipped
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
@@ -49,10 +49,10 @@ class Plot:
 def report_figures(f: Finalized) -> dict[str, Plot]:
     """Every figure of the reports, by file name (FIGURE_NAMES, in order)."""
     protocol, shipped = f.metrics.protocol, f.shipped
-    shipped_label = f"shipped model ({best_name(f.metrics)}, seed {shipped.seed})"
+    shipped_label = f"shipped model ({shipped_name(f.metrics)})"
     return {
         "confusion.png": Plot(confusion_png(shipped.private_test, f.classes, shipped_label, protocol.test)),
-        "performance.png": Plot(performance_png(shipped, compared_baseline(f), shipped_label, protocol.val)),
+        "performance.png": Plot(performance_png(shipped, compared_baseline(f), curves_label(f), protocol.val)),
         "misclassified.png": misclassified_plot(
             f.test_images, f.test_labels, shipped, f.classes, shipped_label, protocol.test
         ),
@@ -70,6 +70,31 @@ def best_name(metrics: FinalMetrics) -> str:
     """The best trial as every report names it, saying so where it is the baseline."""
     same = " = baseline" if best_is_baseline(metrics) else ""
     return f"best trial #{metrics.best_trial.number}{same}"
+
+
+def is_ensemble(shipped: Shipped) -> bool:
+    """Whether model.pt averages several seeds (an --ensemble of one seed is that seed's model)."""
+    return len(shipped.seeds) > 1
+
+
+def seeds_list(seeds: Iterable[int | str]) -> str:
+    """Seeds as the reports list them: 0, 1, 2."""
+    return ", ".join(str(s) for s in seeds)
+
+
+def shipped_name(metrics: FinalMetrics) -> str:
+    """What model.pt holds, as every report names it: the trial, its seed or ensemble of seeds, whether it flips."""
+    shipped = metrics.shipped
+    members = f"ensemble of seeds {seeds_list(shipped.seeds)}" if is_ensemble(shipped) else f"seed {shipped.seeds[0]}"
+    return f"{best_name(metrics)}, {members}, " + ("flip averaged" if shipped.flip else "without flip averaging")
+
+
+def curves_label(f: Finalized) -> str:
+    """Whose training the curves show: the shipped seed's, or the ensemble's member of best validation accuracy."""
+    seed = f"{best_name(f.metrics)}, seed {f.shipped.seed}"
+    if is_ensemble(f.metrics.shipped):
+        return f"shipped ensemble's member of best {f.metrics.protocol.val} accuracy ({seed})"
+    return f"shipped model ({seed})"
 
 
 def compared_baseline(f: Finalized) -> SeedRun | None:

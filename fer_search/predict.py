@@ -19,15 +19,56 @@ from fer_search.model import TrialParams, build_model, check_params
 from fer_search.sources import CLASSES, decode_image
 from fer_search.train import logits_for
 
-FORMAT = "fer-search-model/1"
+FORMAT = "fer-search-model/2"  # members and flip; /1 held one state_dict and no flip, and still loads
+FORMAT_1 = "fer-search-model/1"
+# A model file must fit where results travel (the GPU machine gives back files of at most 16 MiB), and
+# stays small enough to mail; finalize --ensemble is refused before training where it would not.
+MODEL_FILE_LIMIT = 16 * 2**20
+# The most members a model file may hold: a crafted file can list one small set of tensors a million
+# times (torch.save stores each storage once), which would build a million models.
+MAX_MEMBERS = 32
+
+
+class Classifier(nn.Module):
+    """What a model file predicts with: each member's logits, averaged with the mirror image's where `flip`,
+    then the members' probabilities averaged (combined_logits); one member without flip is that model as it is."""
+
+    def __init__(self, members: list[nn.Module], flip: bool) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.flip = flip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = [m(x) for m in self.members]
+        return combined_logits(plain, [m(mirrored(x)) for m in self.members] if self.flip else None)
+
+
+def mirrored(x: torch.Tensor) -> torch.Tensor:
+    """Images (N,C,H,W) flipped left to right, laid out as logits_for lays out its batches, so that a member's
+    logits of the mirror images are the same numbers here and in finalize's evaluation."""
+    return x.flip(-1).contiguous(memory_format=torch.channels_last)
+
+
+def combined_logits(plain: list[torch.Tensor], mirror: list[torch.Tensor] | None) -> torch.Tensor:
+    """One set of logits from the members' (and, for flip averaging, their mirror images'): the one formula
+    of predict and of finalize's figures, so that what metrics.json claims is what predict does.
+
+    Flip averages a face's logits with its mirror image's (test-time augmentation); an ensemble averages the
+    members' probabilities, returned as their log, whose softmax gives those probabilities back."""
+    logits = plain if mirror is None else [(p + m) / 2 for p, m in zip(plain, mirror)]
+    if len(logits) == 1:
+        return logits[0]
+    return torch.log(torch.stack([torch.softmax(z, dim=1) for z in logits]).mean(0))
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: nn.Module  # float32, CPU, eval mode
+    model: nn.Module  # a Classifier: float32, CPU, eval mode
     params: TrialParams
     classes: tuple[str, ...]
     meta: dict[str, Any]
+    members: int  # seeds ensembled (1: a single model)
+    flip: bool
 
 
 @dataclass(frozen=True)
@@ -56,17 +97,35 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_bytes(params: TrialParams, members: int = 1) -> int:
+    """About how many bytes a model file of `members` models of `params` takes: their weights as compact_state
+    stores them (the pickle's own structure adds a few kilobytes)."""
+    with torch.device("meta"):  # shapes and types only: nothing is allocated
+        state = build_model(params).state_dict()
+    per_model = sum(
+        t.numel() * (2 if t.is_floating_point() and t.dim() >= 2 else t.element_size()) for t in state.values()
+    )
+    return members * per_model
+
+
 def save_model(
-    path: Path, state: dict[str, torch.Tensor], params: TrialParams, classes: tuple[str, ...], meta: dict[str, Any]
+    path: Path,
+    states: list[dict[str, torch.Tensor]],
+    params: TrialParams,
+    classes: tuple[str, ...],
+    meta: dict[str, Any],
+    flip: bool = False,
 ) -> None:
     """Write model.pt atomically: only tensors and plain values, so weights_only loading works.
 
-    The weights are stored compactly (compact_state); pass a state already compacted to have the file
-    hold exactly the weights you evaluated.
+    `states` are the members (one: a single model; several: an ensemble averaging their probabilities);
+    `flip` averages each face's logits with its mirror image's. The weights are stored compactly
+    (compact_state); pass states already compacted to have the file hold exactly the weights you evaluated.
     """
     doc = {
         "format": FORMAT,
-        "state_dict": compact_state(state),
+        "members": [compact_state(state) for state in states],
+        "flip": flip,
         "params": params.to_dict(),
         "classes": list(classes),
         "normalization": {"mean": MEAN, "std": STD},
@@ -94,7 +153,7 @@ def load_model(path: Path | str) -> LoadedModel:
     # torch.load raises many types on files that are not its own (KeyError, RuntimeError, EOFError, ...).
     except Exception as e:
         raise UserError(f"{path}: not a readable model file ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    if not isinstance(doc, dict) or doc.get("format") not in (FORMAT, FORMAT_1):
         raise UserError(f"{path}: not a fer-search model file (no format {FORMAT!r})")
     try:
         return _model_from_document(doc)
@@ -112,11 +171,25 @@ def _model_from_document(doc: dict[str, Any]) -> LoadedModel:
         raise ValueError(f"normalization must be {{'mean': {MEAN}, 'std': {STD}}} (this version's)")
     classes = _classes_of(doc["classes"])
     params = _params_of(doc["params"])
-    state = _state_of(doc["state_dict"])
+    if doc["format"] == FORMAT_1:
+        states, flip = [_state_of(doc["state_dict"])], False
+    else:
+        states, flip = _members_of(doc["members"]), doc["flip"]
+        if not isinstance(flip, bool):
+            raise TypeError(f"flip must be true or false, not {_kind(flip)}")
     meta = doc.get("meta", {})
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, not {_kind(meta)}")
-    return LoadedModel(model_from_state(params, state, len(classes)), params, classes, meta)
+    return LoadedModel(
+        classifier_from_states(params, states, len(classes), flip), params, classes, meta, len(states), flip
+    )
+
+
+def _members_of(raw: Any) -> list[dict[str, torch.Tensor]]:
+    """The file's member state_dicts: 1 to MAX_MEMBERS of them."""
+    if not (isinstance(raw, list) and 1 <= len(raw) <= MAX_MEMBERS):
+        raise ValueError(f"members must be a list of 1 to {MAX_MEMBERS} state_dicts, not {_kind(raw)}")
+    return [_state_of(state) for state in raw]
 
 
 def _classes_of(raw: Any) -> tuple[str, ...]:
@@ -162,6 +235,13 @@ def model_from_state(params: TrialParams, state: dict[str, torch.Tensor], num_cl
     model = build_model(params, num_classes=num_classes)
     model.load_state_dict(state)  # copies into the float32 parameters, converting float16
     return model.eval()
+
+
+def classifier_from_states(
+    params: TrialParams, states: list[dict[str, torch.Tensor]], num_classes: int, flip: bool
+) -> Classifier:
+    """The Classifier of `states`, as load_model builds it from a model file."""
+    return Classifier([model_from_state(params, state, num_classes) for state in states], flip).eval()
 
 
 def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

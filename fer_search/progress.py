@@ -39,7 +39,8 @@ class StudyCount:
 
 @dataclass(frozen=True)
 class FinalizePlan:
-    """How many epochs finalize has left to train, over all its seed runs: sent before the first."""
+    """How many epochs finalize has left to train from now on, over a phase's seed runs: sent before the
+    first of the re-ranking's and before the first of the final seeds'; one bar and ETA count them all."""
 
     epochs: int
 
@@ -193,7 +194,12 @@ class FinalizeProgress:
         if isinstance(event, str):
             log.info(event)  # to stderr with its time, or on a terminal through write_line above the bar
         elif isinstance(event, FinalizePlan):
-            if self.use_bar:  # the bar keeps its own time
+            if self.bar is not None:  # a later phase: its epochs come after those done
+                self.bar.total = self.bar.n + event.epochs
+                self.bar.refresh()
+            elif self.eta is not None:
+                self.eta.total = self.eta.done + event.epochs
+            elif self.use_bar:  # the bar keeps its own time
                 self.bar = bar_of(self.file, 0, "finalize", event.epochs, "epochs")
             else:
                 self.eta = Eta(event.epochs)

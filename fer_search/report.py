@@ -18,25 +18,32 @@ from fer_search.figures import (
     Plot,
     best_is_baseline,
     compared_baseline,
+    curves_label,
+    is_ensemble,
     report_figures,
     run_label,
+    seeds_list,
+    shipped_name,
     shown_runs,
 )
 from fer_search.files import write_file
 from fer_search.metrics import ClassScores
 from fer_search.model import BASELINE, TrialParams
 from fer_search.progress import duration_text, percent
-from fer_search.results import BestTrial, Finalized, FinalMetrics
+from fer_search.results import Finalized, FinalMetrics, Selection
 from fer_search.status import full_params, trial_seconds
 from fer_search.tables import (
+    chosen_candidate,
+    chosen_on_val_text,
     epoch_accs_json,
     recalls_precisions_text,
     retrained,
     same_runs_text,
-    seeds_text,
     spread_text,
+    summary_header,
     summary_rows,
     three_places,
+    value_std,
 )
 
 TOP_TRIALS = 10  # complete trials listed, best first
@@ -99,18 +106,20 @@ def report_html(f: Finalized, figures: dict[str, Plot], written_at: datetime, fi
     sections = [
         f"<h1>{_e(f'FER2013 expression recognition: final report for study {study.study_name}')}</h1>",
         _p(
-            f"Trained on {protocol.train}; {protocol.val} chose the epoch, the shipped seed and the trial; "
+            f"Trained on {protocol.train}; {protocol.val} chose {chosen_on_val_text(metrics)}; "
             f"{protocol.test} is the held-out test split."
         ),
         _p(_when_text(study, written_at, finalize_started)),
         "<h2>Headline</h2>",
         _headline_html(metrics),
+        "<h2>Re-ranking</h2>",
+        _reranking_html(metrics),
         "<h2>Per-seed results</h2>",
         _per_seed_html(metrics),
         _figure_html(
             figures,
             "performance.png",
-            "Training and validation curves of the shipped seed"
+            f"Training and validation curves of the {curves_label(f)}"
             + ("" if baseline is None else " (solid) and of the baseline's run of the same seed (dashed)"),
         ),
         f"<h2>{_e(f'Per-expression results on {test}')}</h2>",
@@ -119,13 +128,13 @@ def report_html(f: Finalized, figures: dict[str, Plot], written_at: datetime, fi
         _figure_html(figures, "misclassified.png", f"The shipped model's most confident mistakes on {test}"),
         "<h2>Configurations</h2>",
         _p(
-            f"Best trial #{best.number}: {protocol.val} accuracy {percent(best.value)} during the search. "
+            f"Finalized trial #{best.number}: {protocol.val} accuracy {percent(best.value)} during the search. "
             + _baseline_trial_text(study, protocol.val)
             + (" The best trial has the baseline's configuration." if best_is_baseline(metrics) else "")
         ),
-        _params_html(best.params),
+        _params_html(best.number, best.params),
         "<h2>Search</h2>",
-        _search_html(study, best),
+        _search_html(study, metrics),
         f"<h3>{_e(f'The best complete trials by {protocol.val} accuracy')}</h3>",
         _top_trials_html(study, protocol.val),
         _figure_html(figures, "search_history.png", "Optuna's optimization history (complete trials only)"),
@@ -167,21 +176,21 @@ def _trial_span(trial: FrozenTrial) -> tuple[datetime, datetime] | None:
 
 def _headline_html(metrics: FinalMetrics) -> str:
     protocol = metrics.protocol
-    header = [
-        "",
-        f"{protocol.test} accuracy ({spread_text(metrics)})",
-        f"{protocol.test} macro-F1",
-        f"test_all accuracy: {protocol.test_all}",
-    ]
+    rows: list[list[Cell]] = [[row.name, *(Num(n) for n in row.numbers), row.shipped] for row in summary_rows(metrics)]
+    flip = "flip averaged: each face's logits averaged with its mirror image's"
+    ensemble = "" if metrics.ensemble is None else "; ensemble: one model averaging the seeds' probabilities"
     parts = [
         _p(_retrained_text(metrics)),
-        _table(header, [_label_and_numbers(row) for row in summary_rows(metrics)], "headline"),
+        _p(f"Single model: each seed's model alone, {spread_text(metrics)}{ensemble}; {flip}."),
+        _table(summary_header(metrics), rows, "headline"),
+        _p(_shipped_text(metrics)),
+        _p(_flip_text(metrics)),
     ]
     if protocol.val in protocol.test_all:
         parts.append(
             _p(
-                f"test_all includes the validation split ({protocol.val}), which chose the epoch and "
-                f"the shipped seed: it is not a held-out figure.",
+                f"test_all includes the validation split ({protocol.val}), which chose "
+                f"{chosen_on_val_text(metrics)}: it is not a held-out figure.",
                 "note",
             )
         )
@@ -198,7 +207,7 @@ def _headline_html(metrics: FinalMetrics) -> str:
 
 def _retrained_text(metrics: FinalMetrics) -> str:
     """What was retrained, with which seeds; plainly, where the best trial and the baseline are one configuration."""
-    seeds = seeds_text(metrics)
+    seeds = seeds_list(metrics.seeds)
     if metrics.baseline is None:
         return (
             f"The best trial was retrained here with seeds {seeds}. "
@@ -209,6 +218,86 @@ def _retrained_text(metrics: FinalMetrics) -> str:
     return f"The best trial and the baseline were retrained here under the same protocol, with seeds {seeds}."
 
 
+def _shipped_text(metrics: FinalMetrics) -> str:
+    """What model.pt is and its own figures: those `fer-search predict` reproduces on the test images."""
+    shipped, protocol = metrics.shipped, metrics.protocol
+    what = (
+        "the marked row"
+        if is_ensemble(shipped)
+        else f"of the seeds of the marked row (whose figures are their mean), the one of best {protocol.val} accuracy"
+    )
+    return (
+        f"model.pt: {shipped_name(metrics)}: {what}. Its own figures: {protocol.test} accuracy "
+        f"{percent(shipped.private_test.accuracy)} (what `fer-search predict` reproduces on the {protocol.test} "
+        f"images), macro-F1 {three_places(shipped.private_test.macro_f1)}, test_all accuracy "
+        f"{percent(shipped.test_all.accuracy)}, {protocol.val} accuracy {percent(shipped.val_acc)}."
+    )
+
+
+def _flip_text(metrics: FinalMetrics) -> str:
+    """How flip averaging was decided, and the validation accuracies without and with it."""
+    flip, val = metrics.flip, metrics.protocol.val
+    what = "Flip averaging (each face's logits averaged with its mirror image's)"
+    scores = f"{flip.decided_on} scores {percent(flip.val_acc)} without it and {percent(flip.val_acc_flipped)} with it"
+    if flip.mode == "auto":
+        verdict = "model.pt flip averages" if flip.used else "model.pt does not flip average"
+        return f"{what} was decided on {val} (--flip auto): {scores}, so {verdict}."
+    return f"{what} is {flip.mode} as finalize was told (--flip {flip.mode}), not decided on {val}; there {scores}."
+
+
+def _reranking_html(metrics: FinalMetrics) -> str:
+    """How the finalized trial was chosen among the search's top trials; a sentence where it was not re-ranked."""
+    selection = metrics.selection
+    if selection is None:
+        return _p(
+            f"The search's best trial #{metrics.best_trial.number} was finalized as it is, not re-ranked "
+            f"(finalize --top-k 1, or the study has a single complete configuration)."
+        )
+    protocol = metrics.protocol
+    seeds = selection.seeds
+    chosen = chosen_candidate(selection)
+    header = [
+        "trial",
+        f"search score ({protocol.val} accuracy during the search)",
+        *(f"seed {seed}: retrained {protocol.val} accuracy" for seed in seeds),
+        "retrained mean ± std" if len(seeds) > 1 else "retrained",
+    ]
+    rows: list[list[Cell]] = [
+        [
+            f"#{c.number}"
+            + (" (baseline)" if c.params == BASELINE else "")
+            + (" (finalized)" if c.number == chosen.number else ""),
+            Num(percent(c.value)),
+            *(Num(percent(c.val_accs[str(seed)])) for seed in seeds),
+            Num(value_std(c.mean, c.std, percent)),
+        ]
+        for c in selection.candidates
+    ]
+    intro = (
+        f"The search's top {len(selection.candidates)} trials (--top-k {selection.top_k}), in the search's order, "
+        f"were each retrained with seeds {seeds_list(seeds)} and scored on {protocol.val}; the best retrained mean "
+        f"is finalized. A search score is the best of many noisy runs, so it tends to overstate its trial; a "
+        f"retrained mean is picked among {len(selection.candidates)} only, so it is far less biased."
+    )
+    return _p(intro) + _table(header, rows) + _p(_overstated_text(selection))
+
+
+def _overstated_text(selection: Selection) -> str:
+    """How far the chosen trial's search score was from its retrained mean, and whether it is the search's best."""
+    chosen, first = chosen_candidate(selection), selection.candidates[0]
+    how = "overstated" if selection.overstated_by >= 0 else "understated"
+    text = (
+        f"The search score of trial #{chosen.number} {how} its retrained mean by "
+        f"{abs(selection.overstated_by) * 100:.2f} points."
+    )
+    if chosen.number == first.number:
+        return text + f" Trial #{chosen.number} is also the search's best."
+    return text + (
+        f" Trial #{chosen.number} is not the search's best: trial #{first.number} scored "
+        f"{percent(first.value)} in the search, but {percent(first.mean)} on average retrained."
+    )
+
+
 def _per_seed_html(metrics: FinalMetrics) -> str:
     protocol = metrics.protocol
     header = [
@@ -217,20 +306,23 @@ def _per_seed_html(metrics: FinalMetrics) -> str:
         "kept epoch",
         f"{protocol.val} accuracy",
         f"{protocol.test} accuracy",
+        f"{protocol.test} accuracy, flip averaged",
         f"{protocol.test} macro-F1",
         "test_all accuracy",
     ]
+    shipped = metrics.shipped
+    mark = " (in the shipped ensemble)" if is_ensemble(shipped) else " (shipped)"
     rows: list[list[Cell]] = []
-    for kind, name, agg in retrained(metrics):
-        for seed, r in agg.per_seed.items():
-            shipped = " (shipped)" if kind == "best" and int(seed) == metrics.shipped_seed else ""
+    for kind, name, plain, flipped in retrained(metrics):
+        for seed, r in plain.per_seed.items():
             rows.append(
                 [
-                    name + shipped,
+                    name + (mark if kind == "best" and int(seed) in shipped.seeds else ""),
                     Num(seed),
                     Num(str(r.best_epoch)),
                     Num(percent(r.val_acc)),
                     Num(percent(r.private_test.accuracy)),
+                    Num(percent(flipped.per_seed[seed].private_test.accuracy)),
                     Num(three_places(r.private_test.macro_f1)),
                     Num(percent(r.test_all.accuracy)),
                 ]
@@ -239,10 +331,15 @@ def _per_seed_html(metrics: FinalMetrics) -> str:
 
 
 def _per_class_html(f: Finalized) -> str:
-    runs = shown_runs(f.shipped, compared_baseline(f))
+    baseline = compared_baseline(f)
+    runs = shown_runs(f.shipped, baseline)
     header = [
         "expression",
-        *(f"{run_label(run)} {m}" for run in runs for m in ("precision", "recall", "F1")),
+        *(
+            f"{'model.pt' if run.kind == 'best' else run_label(run)} {m}"
+            for run in runs
+            for m in ("precision", "recall", "F1")
+        ),
         "support",
     ]
     rows = [
@@ -253,7 +350,13 @@ def _per_class_html(f: Finalized) -> str:
         ]
         for c in f.classes
     ]
-    return _table(header, [_label_and_numbers(row) for row in rows])
+    beside = (
+        ""
+        if baseline is None
+        else f"; beside it the baseline's run of seed {baseline.seed}, a single model without flip averaging"
+    )
+    intro = _p(f"model.pt: {shipped_name(f.metrics)}{beside}.")
+    return intro + _table(header, [_label_and_numbers(row) for row in rows])
 
 
 def _scores(scores: ClassScores) -> tuple[float, float, float]:
@@ -268,10 +371,10 @@ def _baseline_trial_text(study: optuna.Study, val_split: str) -> str:
     return f"Baseline: trial #{baseline.number}, {val_split} accuracy {percent(baseline.value)} during the search."
 
 
-def _params_html(best: TrialParams) -> str:
+def _params_html(number: int, best: TrialParams) -> str:
     baseline = BASELINE.to_dict()
     rows = [[k, _param(v), _param(baseline[k])] for k, v in best.to_dict().items()]
-    return _table(["parameter", "best trial", "baseline (documented configuration)"], rows)
+    return _table(["parameter", f"trial #{number} (finalized)", "baseline (documented configuration)"], rows)
 
 
 def _param(value: Any, unused: str = "— (unused)") -> Cell:
@@ -285,10 +388,12 @@ def _param(value: Any, unused: str = "— (unused)") -> Cell:
     return str(value)
 
 
-def _search_html(study: optuna.Study, best: BestTrial) -> str:
+def _search_html(study: optuna.Study, metrics: FinalMetrics) -> str:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     rows: list[list[Cell]] = [[state.name, Num(str(states[state.name]))] for state in TrialState]
+    # The search's best is the re-ranking's first candidate, which need not be the trial finalized.
+    best = metrics.best_trial if metrics.selection is None else metrics.selection.candidates[0]
     return _p(f"{len(trials)} trials; best value {percent(best.value)} (trial #{best.number}).") + _table(
         ["state", "trials"], rows
     )

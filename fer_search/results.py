@@ -114,6 +114,71 @@ class Aggregate:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One model (a seed, or an ensemble of seeds) predicting one way, on validation and the test splits."""
+
+    val_acc: float  # float32 on the CPU, on the weights model.pt stores, as predict computes
+    private_test: ClassificationReport
+    test_all: ClassificationReport
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """What model.pt holds, and the figures `predict` reproduces on its images."""
+
+    trial: int
+    seeds: list[int]  # one seed, or every seed with --ensemble
+    flip: bool  # each face's logits averaged with its mirror image's
+    ensemble: bool  # the seeds' probabilities averaged
+    val_acc: float
+    private_test: ClassificationReport
+    test_all: ClassificationReport
+
+
+@dataclass(frozen=True)
+class FlipChoice:
+    """Whether the shipped model averages each face with its mirror image, and the validation figures behind it."""
+
+    mode: str  # auto (decided on validation), on, off
+    used: bool
+    decided_on: str  # what val_acc and val_acc_flipped are of: the seeds' mean, or the ensemble
+    val_acc: float  # without flip
+    val_acc_flipped: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One of the top trials re-ranked: its search score and its retrainings' validation accuracies."""
+
+    number: int
+    value: float  # validation accuracy during the search
+    params: TrialParams
+    val_accs: dict[str, float]  # by selection seed as text: the retraining's best-epoch validation accuracy
+    mean: float
+    std: float | None  # ddof 1; None for one selection seed
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The re-ranking of the top trials by retrained mean validation accuracy (finalize --top-k)."""
+
+    top_k: int
+    seeds: list[int]
+    candidates: list[Candidate]  # by search score, best first
+    chosen: int  # the trial number with the best mean: the one finalized
+    overstated_by: float  # the chosen trial's search score minus its retrained mean (a fraction, not points)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """The seeds' averaged probabilities, without and with flip averaging."""
+
+    seeds: list[int]
+    plain: Scored
+    flipped: Scored
+
+
+@dataclass(frozen=True)
 class ReportedBaseline:
     accuracy: float
     note: str
@@ -139,12 +204,19 @@ class Commands:
 class FinalMetrics:
     """metrics.json: its keys, in its order, are these fields."""
 
-    shipped_seed: int
+    shipped: Shipped
     epochs: int
     seeds: list[int]
-    best_trial: BestTrial
+    best_trial: BestTrial  # the configuration finalized: the search's best, or the re-ranking's choice
+    selection: Selection | None  # None with --top-k 1, or a single candidate
+    flip: FlipChoice
+    # Single models, without and with flip averaging; every val_acc as predict computes (float32 on the CPU,
+    # rounded weights), which may differ a face or two from the training's (SeedRun.val_acc, unrounded).
     best: Aggregate
+    best_flipped: Aggregate
+    ensemble: Ensemble | None  # None for one seed
     baseline: Aggregate | None  # None when finalize ran with --no-baseline
+    baseline_flipped: Aggregate | None
     baseline_reported: ReportedBaseline
     protocol: Protocol
     data: DataRecord
@@ -161,14 +233,14 @@ class FinalMetrics:
         return metrics
 
 
-def aggregate(runs: list[SeedRun]) -> Aggregate:
-    """Per seed, and mean / standard deviation (ddof 1; None for one seed) over seeds."""
-    per_seed = {str(r.seed): SeedFigures(r.val_acc, r.best_epoch, r.private_test, r.test_all) for r in runs}
+def aggregate(per_seed: dict[str, SeedFigures]) -> Aggregate:
+    """`per_seed`, and its mean / standard deviation (ddof 1; None for one seed) over seeds."""
+    runs = list(per_seed.values())
     std = _splits(runs, lambda v: np.std(v, axis=0, ddof=1)) if len(runs) > 1 else None
     return Aggregate(per_seed, _splits(runs, lambda v: np.mean(v, axis=0)), std)
 
 
-def _splits(runs: list[SeedRun], stat: Callable[[np.ndarray], np.ndarray]) -> Splits:
+def _splits(runs: list[SeedFigures], stat: Callable[[np.ndarray], np.ndarray]) -> Splits:
     return Splits(
         private_test=_over_seeds([r.private_test for r in runs], stat),
         test_all=_over_seeds([r.test_all for r in runs], stat),
@@ -214,8 +286,12 @@ class Finalized:
     """What the reports show: the metrics, the shipped run and the baseline's of its seed, the test split, the study."""
 
     metrics: FinalMetrics
+    # The shipped model's figures, predictions and confidences (flip averaged, ensembled, as shipped) with
+    # the training history and best epoch of its seed: for an ensemble, its member of best validation accuracy.
     shipped: SeedRun
-    baseline: SeedRun | None  # None with --no-baseline
+    baseline: (
+        SeedRun | None
+    )  # the baseline's run of that seed, as it predicts alone and unflipped; None with --no-baseline
     test_images: np.ndarray  # uint8 (N, 48, 48), in the test split's order
     test_labels: np.ndarray
     classes: tuple[str, ...]

@@ -30,8 +30,8 @@ from fer_search.cli import main
 from fer_search.config import load_config
 from fer_search.data import CLASSES
 from fer_search.errors import Crashed, UserError
-from fer_search.finalize import SeedJob, train_in_processes
-from fer_search.model import BASELINE
+from fer_search.finalize import SeedJob, evaluated_file, train_in_processes, trained_file
+from fer_search.model import BASELINE, TrialParams
 from fer_search.predict import load_model, model_from_state, predict_images
 from fer_search.progress import SeedEpoch
 from fer_search.results import FinalMetrics, SeedRun
@@ -75,6 +75,21 @@ def metrics_of(out: Path) -> FinalMetrics:
     return FinalMetrics.from_json((out / "metrics.json").read_text())
 
 
+def seed_files(folder: Path, kind: str, seed: int) -> tuple[Path, Path]:
+    """The resume files (training, evaluation) of the folder's finalized trial ("best") or baseline at `seed`."""
+    m = metrics_of(final_dir(folder))
+    job = SeedJob(kind, m.best_trial.params if kind == "best" else BASELINE, seed)
+    trained, _ = trained_file(resume_dir(folder), job, m.epochs, m.data.fingerprints)
+    return trained, evaluated_file(resume_dir(folder), job, m.epochs, m.data.fingerprints, "")[0]
+
+
+def best_seed_label(m: FinalMetrics, seed: int) -> str:
+    """The label under which the finalized trial's seed is trained: by the re-ranking where it retrained it."""
+    if m.selection is not None and seed in m.selection.seeds:
+        return f"trial {m.best_trial.number} seed {seed}"
+    return f"best seed {seed}"
+
+
 def trained(result: Result) -> list[str]:
     """The seed runs a finalize trained, one entry per epoch line."""
     lines = [line.split("fer_search: ", 1)[-1] for line in result.stderr.splitlines()]  # past the log line's time
@@ -106,9 +121,15 @@ def test_metrics_json_is_its_record_with_every_key_in_order(finalized: Path) -> 
 def test_metrics_hold_best_and_baseline_per_seed_and_aggregated(finalized: Path) -> None:
     m = metrics_of(final_dir(finalized))
     study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{finalized}/studies/fer2013.db")
-    assert m.best_trial.number == study.best_trial.number and m.best_trial.value == study.best_value
-    assert m.seeds == [0, 1] and m.shipped_seed in (0, 1) and m.epochs == 2
-    for agg in (m.best, m.baseline):
+    assert m.selection is not None and m.selection.seeds == [0, 1]  # 3 trials: re-ranked by default
+    assert [c.number for c in m.selection.candidates][0] == study.best_trial.number
+    chosen = next(c for c in m.selection.candidates if c.number == m.selection.chosen)
+    assert (m.best_trial.number, m.best_trial.value) == (chosen.number, chosen.value)
+    assert m.best_trial.params == chosen.params
+    assert chosen.mean == max(c.mean for c in m.selection.candidates)
+    assert m.best_trial.value == study.trials[m.best_trial.number].value
+    assert m.seeds == [0, 1] and len(m.shipped.seeds) == 1 and m.epochs == 2
+    for agg in (m.best, m.baseline, m.best_flipped, m.baseline_flipped):
         assert agg is not None and agg.std is not None and set(agg.per_seed) == {"0", "1"}
         for run in agg.per_seed.values():
             assert run.private_test.n == 28 and run.test_all.n == 56  # 4 + 4 per class, 7 classes
@@ -123,8 +144,16 @@ def test_metrics_hold_best_and_baseline_per_seed_and_aggregated(finalized: Path)
             agg.std.test_all.confusion,
             np.array([r.test_all.confusion for r in agg.per_seed.values()]).std(axis=0, ddof=1),
         )
-    shipped = m.best.per_seed[str(m.shipped_seed)]
-    assert shipped.val_acc == max(r.val_acc for r in m.best.per_seed.values())
+    [seed] = m.shipped.seeds
+    assert m.shipped.trial == m.best_trial.number and not m.shipped.ensemble
+    assert m.shipped.flip == m.flip.used and m.flip.mode == "auto"
+    assert m.flip.used == (m.flip.val_acc_flipped > m.flip.val_acc)  # decided on validation
+    flipped, plain = m.best_flipped.per_seed, m.best.per_seed
+    assert m.flip.val_acc_flipped == pytest.approx(np.mean([f.val_acc for f in flipped.values()]))
+    assert m.flip.val_acc == pytest.approx(np.mean([f.val_acc for f in plain.values()]))
+    shipped_as = flipped if m.flip.used else plain  # the shipped seed is the best on validation, as it predicts
+    assert m.shipped.val_acc == max(f.val_acc for f in shipped_as.values()) == shipped_as[str(seed)].val_acc
+    assert m.ensemble is not None and m.ensemble.seeds == [0, 1]
 
 
 def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, tiny_fer: Path) -> None:
@@ -150,8 +179,18 @@ def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, t
     ).stdout
     lines = [json.loads(line) for line in out.splitlines()]
     assert len(lines) == len(images)
-    correct = sum(line["label"] == Path(line["path"]).parent.name for line in lines)
-    assert correct / len(images) == m.best.per_seed[str(m.shipped_seed)].private_test.accuracy
+    truth = [CLASSES.index(Path(line["path"]).parent.name) for line in lines]
+    assert predicted_report(truth, [CLASSES.index(line["label"]) for line in lines]) == m.shipped.private_test
+    single = m.best_flipped if m.shipped.flip else m.best
+    [seed] = m.shipped.seeds
+    assert m.shipped.private_test == single.per_seed[str(seed)].private_test
+
+
+def predicted_report(truth: list[int], predicted: list[int]) -> Any:
+    """The classification report of `predicted`: the same confusion, not only as many right."""
+    from fer_search.metrics import classification_report
+
+    return classification_report(np.array(truth), np.array(predicted), CLASSES)
 
 
 def test_metrics_and_page_give_the_commands(finalized: Path) -> None:
@@ -190,28 +229,30 @@ def test_the_finalize_command_hides_a_storage_password(finalized: Path, monkeypa
 
 
 def test_rerun_reuses_finished_seeds(finalized: Path) -> None:
-    kinds_and_seeds = {r.name.rsplit("-", 1)[0] for r in resume_dir(finalized).glob("*.pt")}
-    kinds = ("best",) if best_is_baseline(finalized) else ("best", "baseline")
-    assert {f"{kind}-seed{seed}" for kind in kinds for seed in (0, 1)} <= kinds_and_seeds
     before = metrics_of(final_dir(finalized))
+    kinds = ("best",) if best_is_baseline(finalized) else ("best", "baseline")
+    assert all(path.is_file() for kind in kinds for seed in (0, 1) for path in seed_files(finalized, kind, seed))
     result = finalize(finalized, "--seeds", "2")
     assert result.exit_code == 0
-    assert result.stderr.count("reusing the finished run") == 2 * len(kinds)
-    assert metrics_of(final_dir(finalized)).best == before.best
+    assert trained(result) == [] and "evaluating it" not in result.stderr
+    reranked = 0 if before.selection is None else len(before.selection.candidates) * 2
+    assert result.stderr.count("reusing its finished run") == reranked + 2 * len(kinds)
+    after = metrics_of(final_dir(finalized))
+    assert (after.best, after.selection, after.shipped) == (before.best, before.selection, before.shipped)
 
 
 def test_interrupted_finalize_retrains_only_the_unfinished_seed(finalized: Path, tmp_path: Path) -> None:
     folder = Path(shutil.copytree(finalized, tmp_path / "study"))  # the session's study stays as it is
-    next(resume_dir(folder).glob("best-seed1-*.pt")).unlink()  # interrupted while training the best trial's seed 1
-    (final_dir(folder) / "metrics.json").unlink()
+    before = metrics_of(final_dir(folder))
+    for path in seed_files(folder, "best", 1):  # interrupted while training the finalized trial's seed 1
+        path.unlink()
     result = finalize(folder, "--seeds", "2")
     assert result.exit_code == 0, result.output
-    assert result.stderr.count("reusing the finished run") == (1 if best_is_baseline(folder) else 3)
-    assert set(trained(result)) == {"best seed 1"}
+    assert set(trained(result)) == {best_seed_label(before, 1)}
     m = metrics_of(final_dir(folder))
     assert m.baseline is not None and set(m.best.per_seed) == set(m.baseline.per_seed) == {"0", "1"}
-    assert m.best.std is not None
-    assert len(list(resume_dir(folder).glob("best-seed1-*.pt"))) == 1
+    assert m.best.std is not None and m.best_trial == before.best_trial
+    assert all(path.is_file() for path in seed_files(folder, "best", 1))
 
 
 def test_a_finalize_interrupted_while_evaluating_keeps_the_training(
@@ -220,20 +261,21 @@ def test_a_finalize_interrupted_while_evaluating_keeps_the_training(
     import fer_search.finalize as finalize_module
 
     folder = Path(shutil.copytree(finalized, tmp_path / "study"))
-    next(resume_dir(folder).glob("best-seed1-*.pt")).unlink()
-    evaluated = finalize_module._evaluated_run
+    training, evaluation = seed_files(folder, "best", 1)
+    evaluation.unlink()
+    evaluated = finalize_module._evaluated
 
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C during the CPU pass over the test splits
 
-    monkeypatch.setattr(finalize_module, "_evaluated_run", interrupted)
+    monkeypatch.setattr(finalize_module, "_evaluated", interrupted)
     assert finalize(folder, "--seeds", "2").exit_code == 130
-    assert len(list(resume_dir(folder).glob("best-seed1-*.trained.pt"))) == 1
-    monkeypatch.setattr(finalize_module, "_evaluated_run", evaluated)
+    assert training.is_file() and not evaluation.exists()
+    monkeypatch.setattr(finalize_module, "_evaluated", evaluated)
     result = finalize(folder, "--seeds", "2")
     assert result.exit_code == 0, result.output
-    assert trained(result) == [] and "best seed 1: trained by an interrupted finalize" in result.stderr
-    assert not list(resume_dir(folder).glob("*.trained.pt"))  # the finished run replaced it
+    assert trained(result) == [] and "best seed 1: trained earlier" in result.stderr
+    assert evaluation.is_file()
     assert metrics_of(final_dir(folder)).best.per_seed == metrics_of(final_dir(finalized)).best.per_seed
 
 
@@ -241,52 +283,53 @@ def shrunk_first_weight(doc: dict[str, Any]) -> None:
     doc["state"][next(iter(doc["state"]))] = torch.zeros(3)
 
 
-def as_trained_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    """A finished resume file's document as the trained, not yet evaluated, one it was before."""
-    run = SeedRun.from_json(doc["run"])
-    fields = {"best_epoch": run.best_epoch, "val_acc": run.val_acc, "history": json.dumps(run.history)}
-    return {"key": doc["key"], "state": doc["state"], **fields}
-
-
 @pytest.mark.parametrize(
-    "trained_only, change",
+    "evaluation, change",
     [
-        pytest.param(False, shrunk_first_weight, id="finished, weights of another shape"),
-        pytest.param(False, lambda doc: doc.update(run=json.loads(doc["run"])), id="finished, run not JSON text"),
-        pytest.param(True, shrunk_first_weight, id="trained, weights of another shape"),
-        pytest.param(True, lambda doc: doc.update(history=json.loads(doc["history"])), id="trained, history not JSON"),
+        pytest.param(True, lambda doc: doc.update(run=json.loads(doc["run"])), id="evaluation, run not JSON text"),
+        pytest.param(True, lambda doc: doc["logits"].update(test=torch.zeros(3, 7)), id="evaluation, logits cut"),
+        pytest.param(True, lambda doc: doc["key"].update(trained="another"), id="evaluation of another training"),
+        pytest.param(False, shrunk_first_weight, id="training, weights of another shape"),
+        pytest.param(False, lambda doc: doc.update(history=json.loads(doc["history"])), id="training, history"),
     ],
 )
-def test_a_resume_file_that_does_not_fit_is_trained_again(
-    finalized: Path, tmp_path: Path, trained_only: bool, change: Callable[[dict[str, Any]], None]
+def test_a_resume_file_that_does_not_fit_is_done_again(
+    finalized: Path, tmp_path: Path, evaluation: bool, change: Callable[[dict[str, Any]], None]
 ) -> None:
-    """A resume file under the right name and key whose contents finalize could not use: one line, then retrained."""
+    """A resume file under the right name and key whose contents finalize could not use: one line, then redone;
+    a training done again is evaluated again, never paired with the old training's evaluation."""
     folder = Path(shutil.copytree(finalized, tmp_path / "study"))
-    path = finished_path = next(resume_dir(folder).glob("best-seed1-*.pt"))
+    m = metrics_of(final_dir(folder))
+    training, evaluated = seed_files(folder, "best", 1)
+    path = evaluated if evaluation else training
     doc = torch.load(path, weights_only=True)
-    if trained_only:
-        path.unlink()
-        path, doc = path.with_suffix(".trained.pt"), as_trained_doc(doc)
     change(doc)
     torch.save(doc, path)
+    old_id = torch.load(training, weights_only=True).get("id")
     result = finalize(folder, "--seeds", "2")
     assert result.exit_code == 0, result.output
-    assert f"best seed 1: cannot reuse {path} (" in result.stderr and "Traceback" not in result.output
-    assert set(trained(result)) == {"best seed 1"}
-    assert not path.with_suffix(".trained.pt").exists()
-    state = torch.load(finished_path, weights_only=True)["state"]
-    model_from_state(metrics_of(final_dir(folder)).best_trial.params, state, len(CLASSES))  # fits now
+    assert f": cannot reuse {path} (" in result.stderr and "Traceback" not in result.output
+    assert set(trained(result)) == (set() if evaluation else {best_seed_label(m, 1)})
+    assert "best seed 1: trained earlier" in result.stderr  # evaluated again
+    doc = torch.load(training, weights_only=True)
+    model_from_state(m.best_trial.params, doc["state"], len(CLASSES))  # fits now
+    assert torch.load(evaluated, weights_only=True)["key"]["trained"] == doc["id"]
+    assert (doc["id"] == old_id) == evaluation
 
 
-def test_no_baseline_and_out(finalized: Path, tmp_path: Path) -> None:
+def test_no_baseline_top_k_1_and_out(finalized: Path, tmp_path: Path) -> None:
     before = set(resume_dir(finalized).iterdir())
-    result = finalize(finalized, "--seeds", "1", "--no-baseline", "--out", str(tmp_path / "out"), "--epochs", "1")
+    args = ("--seeds", "1", "--no-baseline", "--top-k", "1", "--out", str(tmp_path / "out"), "--epochs", "1")
+    result = finalize(finalized, *args)
     assert result.exit_code == 0, result.output
     m = metrics_of(tmp_path / "out")
-    assert m.baseline is None and m.best.std is None and m.epochs == 1
+    assert m.baseline is None and m.baseline_flipped is None and m.best.std is None and m.epochs == 1
+    assert m.selection is None and m.ensemble is None  # the search's best, one seed
+    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{finalized}/studies/fer2013.db")
+    assert m.best_trial.number == study.best_trial.number
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)
     new = set(resume_dir(finalized).iterdir()) - before  # --out moves the outputs, not the resume files
-    assert [p.name.rsplit("-", 1)[0] for p in new] == ["best-seed0"]
+    assert sorted(p.name.split("-", 1)[0] for p in new) == ["seed0", "seed0"]  # its training and evaluation
 
 
 def test_unusable_out_exits_2_before_any_training(finalized: Path, tmp_path: Path) -> None:
@@ -322,17 +365,17 @@ def test_a_missing_data_path_names_the_one_the_study_was_searched_on(
 
 def test_resume_files_hold_the_weights_model_pt_ships(finalized: Path) -> None:
     m = metrics_of(final_dir(finalized))
-    docs = [torch.load(p, weights_only=True) for p in resume_dir(finalized).glob(f"best-seed{m.shipped_seed}-*.pt")]
-    [doc] = [d for d in docs if d["key"]["epochs"] == m.epochs]
-    resumed = doc["state"]
-    shipped = torch.load(final_dir(finalized) / "model.pt", weights_only=True)["state_dict"]
+    [seed] = m.shipped.seeds
+    training, evaluation = (torch.load(p, weights_only=True) for p in seed_files(finalized, "best", seed))
+    resumed = training["state"]
+    [shipped] = torch.load(final_dir(finalized) / "model.pt", weights_only=True)["members"]
     assert list(resumed) == list(shipped)
     assert all(resumed[k].dtype == shipped[k].dtype and torch.equal(resumed[k], shipped[k]) for k in shipped)
-    run = SeedRun.from_json(doc["run"])  # and the run the metrics report
-    figures = m.best.per_seed[str(m.shipped_seed)]
-    assert (run.seed, run.val_acc, run.private_test, run.test_all) == (
-        m.shipped_seed,
-        figures.val_acc,
+    run = SeedRun.from_json(evaluation["run"])  # and the run the metrics report
+    figures = m.best.per_seed[str(seed)]
+    assert (run.seed, run.best_epoch, run.private_test, run.test_all) == (
+        seed,
+        figures.best_epoch,
         figures.private_test,
         figures.test_all,
     )
@@ -353,11 +396,7 @@ def test_the_largest_architecture_ships_in_16_mib_and_predict_scores_its_metrics
     truth = [CLASSES.index(p.parent.name) for p in images]
     predicted = [CLASSES.index(p.label) for p in predict_images(loaded, images)]
     m = metrics_of(final_dir(folder))
-    shipped = m.best.per_seed[str(m.shipped_seed)].private_test
-    assert sum(t == q for t, q in zip(truth, predicted)) / len(images) == shipped.accuracy
-    confusion = np.zeros((7, 7), dtype=int)
-    np.add.at(confusion, (truth, predicted), 1)
-    assert confusion.tolist() == shipped.confusion  # not only as many right: the same answers
+    assert predicted_report(truth, predicted) == m.shipped.private_test  # not only as many right: the same answers
 
 
 @contextmanager
@@ -395,9 +434,10 @@ def test_jobs_2_gives_the_seeds_jobs_1_gives(finalized: Path, tmp_path: Path) ->
             assert results[jobs].exit_code == 0, results[jobs].output
     one, two = metrics_of(tmp_path / "1"), metrics_of(tmp_path / "2")
     assert one.best.per_seed == two.best.per_seed  # val_acc, best epoch, every test figure
-    assert one.baseline == two.baseline
+    assert (one.baseline, one.selection, one.shipped) == (two.baseline, two.selection, two.shipped)
     assert sorted(trained(results["1"])) == sorted(trained(results["2"]))  # every epoch line came through
-    assert len(trained(results["2"])) == len(list(resume_dir(folder).glob("*.pt")))  # one epoch each
+    trainings = [p for p in resume_dir(folder).glob("*.pt") if not p.name.endswith(".eval.pt")]
+    assert len(trained(results["2"])) == len(trainings)  # one epoch each
 
 
 def test_when_the_best_trial_is_the_baseline_each_seed_trains_once(tmp_path: Path, tiny_fer: Path) -> None:
@@ -405,7 +445,7 @@ def test_when_the_best_trial_is_the_baseline_each_seed_trains_once(tmp_path: Pat
     result = finalize(folder, "--seeds", "2", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert trained(result) == ["best seed 0", "best seed 1"]  # one epoch each
-    assert sorted(p.name.rsplit("-", 1)[0] for p in resume_dir(folder).glob("*.pt")) == ["best-seed0", "best-seed1"]
+    assert sorted(p.name.split("-", 1)[0] for p in resume_dir(folder).glob("*.pt")) == ["seed0"] * 2 + ["seed1"] * 2
     m = metrics_of(final_dir(folder))
     assert m.best_trial.number == 0 and m.best_trial.params == BASELINE
     assert m.baseline == m.best and set(m.best.per_seed) == {"0", "1"}
@@ -419,13 +459,18 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
     (tmp_path / "search.toml").write_text(f'[data]\npath = "{tmp_path / "gone"}"\n[finalize]\njobs = 2\n')
     config = load_config(tmp_path / "search.toml", {"run.device": "cpu"})
     with pytest.raises(UserError, match=f"^best seed 0: .*{tmp_path / 'gone'}"):  # the child's UserError
-        train_in_processes([SeedJob("best", BASELINE, 0)], config, 1, tmp_path / "runs", print)
+        train_in_processes([SeedJob("best", BASELINE, 0)], config, 1, tmp_path / "runs", print, True)
     config = load_config(tmp_path / "search.toml", {"run.device": "cpu", "data.path": tiny_fer})
     broken = dataclasses.replace(BASELINE, dropout_pattern="sometimes")
     events: list[object] = []
     with pytest.raises(Crashed, match="^best seed 0: ValueError: unknown dropout_pattern 'sometimes'"):
         train_in_processes(
-            [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)], config, 500, tmp_path / "runs", events.append
+            [SeedJob("best", broken, 0), SeedJob("best", BASELINE, 1)],
+            config,
+            500,
+            tmp_path / "runs",
+            events.append,
+            True,
         )
     assert not any(isinstance(e, SeedEpoch) and e.epoch == 500 for e in events)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
@@ -461,7 +506,7 @@ def test_ctrl_c_stops_every_seed_process_and_keeps_finished_seeds(tmp_path: Path
         )
     try:
         deadline = time.monotonic() + 180
-        while not list(resume_dir(folder).glob("*.pt")):  # a seed has finished
+        while not list(resume_dir(folder).glob("*.eval.pt")):  # a seed has finished
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGINT)  # to the parent alone: it must stop the seed processes itself
@@ -473,9 +518,155 @@ def test_ctrl_c_stops_every_seed_process_and_keeps_finished_seeds(tmp_path: Path
     finally:
         if live_in_session(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-    kept = len(list(resume_dir(folder).glob("*.pt")))
+    kept = len(list(resume_dir(folder).glob("*.eval.pt")))
     assert 1 <= kept < 3, log.read_text()  # the third seed's process was still starting
     result = finalize(folder, "--device", "cpu", "--seeds", "3", "--epochs", "2")
     assert result.exit_code == 0, result.output
-    assert result.stderr.count("reusing the finished run") == kept
+    assert result.stderr.count("reusing its finished run") == kept
     assert len(trained(result)) == 2 * (3 - kept)
+
+
+# --- re-ranking, flip averaging and the ensemble, on a constructed study ---------------------
+
+SOUND = dataclasses.replace(
+    BASELINE,
+    lr=3e-3,
+    batch_size=16,
+    width=0.5,
+    linear_depth=1,
+    scheduler="cosine",
+    dropout_pattern="none",
+    dropout_high=None,
+    dropout_low=None,
+    dropout_head=None,
+)
+HOPELESS = dataclasses.replace(SOUND, lr=1e-7)  # learns nothing in a few epochs: stays near chance
+
+
+def added_trial(study: optuna.Study, value: float, params: TrialParams) -> int:
+    """A complete trial scored `value` by the search, whose configuration is `params`; its number."""
+    study.add_trial(
+        optuna.trial.create_trial(value=value, user_attrs={"trial_params": params.to_dict(), "best_epoch": 1})
+    )
+    return study.trials[-1].number
+
+
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory: pytest.TempPathFactory, tiny_fer: Path) -> tuple[Path, int, int]:
+    """A study whose best search score (99%) is a lucky configuration that learns nothing, and whose runner-up
+    (50%) learns the tiny data: the folder, the lucky trial's number, the sound one's."""
+    folder = searched(tmp_path_factory.mktemp("constructed"), tiny_fer)
+    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{folder}/studies/fer2013.db")
+    return folder, added_trial(study, 0.99, HOPELESS), added_trial(study, 0.5, SOUND)
+
+
+RERANKED = ("--top-k", "2", "--selection-seeds", "2", "--seeds", "2", "--epochs", "3", "--no-baseline")
+
+
+def test_reranking_finalizes_the_best_retrained_trial_not_the_search_best(
+    constructed: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    folder, lucky, sound = constructed
+    result = finalize(folder, *RERANKED, "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    m = metrics_of(tmp_path)
+    assert m.selection is not None and m.selection.seeds == [0, 1] and m.selection.top_k == 2
+    first, second = m.selection.candidates
+    assert (first.number, first.value, second.number, second.value) == (lucky, 0.99, sound, 0.5)
+    assert first.params == HOPELESS and set(first.val_accs) == {"0", "1"}
+    assert first.mean == pytest.approx(np.mean(list(first.val_accs.values())))
+    assert first.mean < 0.3 < second.mean  # retrained, the lucky score does not hold up
+    assert m.selection.chosen == m.best_trial.number == m.shipped.trial == sound and m.best_trial.params == SOUND
+    assert m.selection.overstated_by == pytest.approx(0.5 - second.mean)
+    epochs = [f"trial {n} seed {s}" for n in (lucky, sound) for s in (0, 1) for _ in range(3)]  # 3 epochs each
+    assert sorted(trained(result)) == sorted(epochs)
+    assert "best seed 0: trained earlier" in result.stderr  # the winner's re-ranking runs are its finalize seeds
+    page = (tmp_path / "report.html").read_text()
+    assert f"#{lucky}" in page and f"#{sound}" in page
+
+
+def test_top_k_1_finalizes_the_search_best_as_it_is(constructed: tuple[Path, int, int], tmp_path: Path) -> None:
+    folder, lucky, _ = constructed
+    result = finalize(folder, *RERANKED, "--top-k", "1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    m = metrics_of(tmp_path)
+    assert m.selection is None and m.best_trial.number == lucky and m.best_trial.params == HOPELESS
+    assert trained(result) == []  # the re-ranking above trained these seeds already (same key)
+
+
+def predicted_by_cli(model: Path, images: list[Path]) -> list[dict[str, Any]]:
+    result = CliRunner().invoke(main, ["predict", "--model", str(model), "--json", *map(str, images)])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("flip", ["on", "off"])
+def test_predict_reproduces_a_shipped_ensemble_as_metrics_json_claims(
+    constructed: tuple[Path, int, int], tiny_fer: Path, tmp_path: Path, flip: str
+) -> None:
+    folder, _, sound = constructed
+    result = finalize(folder, *RERANKED, "--ensemble", "--flip", flip, "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    m = metrics_of(tmp_path)
+    assert m.ensemble is not None and m.ensemble.seeds == [0, 1]
+    assert (m.shipped.trial, m.shipped.seeds, m.shipped.ensemble, m.shipped.flip) == (sound, [0, 1], True, flip == "on")
+    assert m.flip.mode == flip and m.flip.used == (flip == "on") and "ensemble" in m.flip.decided_on
+    claimed = m.ensemble.flipped if flip == "on" else m.ensemble.plain
+    assert m.shipped.private_test == claimed.private_test and m.shipped.val_acc == claimed.val_acc
+    loaded = load_model(tmp_path / "model.pt")
+    assert (loaded.members, loaded.flip, loaded.meta["seeds"]) == (2, flip == "on", [0, 1])
+    images = sorted(tiny_fer.glob("test/*/PrivateTest_*.jpg"))
+    lines = predicted_by_cli(tmp_path / "model.pt", images)
+    truth = [CLASSES.index(p.parent.name) for p in images]
+    assert predicted_report(truth, [CLASSES.index(line["label"]) for line in lines]) == m.shipped.private_test
+
+
+def test_an_ensemble_of_one_seed_ships_that_seed_alone(constructed: tuple[Path, int, int], tmp_path: Path) -> None:
+    folder, _, sound = constructed
+    result = finalize(folder, *RERANKED, "--seeds", "1", "--ensemble", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "--ensemble with one seed: that seed is shipped alone" in result.stderr
+    m = metrics_of(tmp_path)
+    assert (m.shipped.seeds, m.shipped.ensemble, m.ensemble) == ([0], False, None)
+    assert "the mean of seeds 0" in m.flip.decided_on
+    assert load_model(tmp_path / "model.pt").members == 1
+
+
+def test_an_ensemble_too_big_for_16_mib_is_refused_before_any_training(tmp_path: Path, tiny_fer: Path) -> None:
+    folder = searched(tmp_path, tiny_fer)
+    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{folder}/studies/fer2013.db")
+    largest = dataclasses.replace(BASELINE, width=2.0, convs_per_block=2, linear_depth=3)  # about 11 MiB stored
+    number = added_trial(study, 0.99, largest)
+    result = finalize(folder, "--ensemble", "--seeds", "2", "--top-k", "1")
+    error = one_line_error(result)
+    assert f"--ensemble: 2 seeds of trial #{number} would make model.pt about" in error
+    assert "16 MiB" in error and "leave --ensemble out" in error
+    assert not resume_dir(folder).exists() or not list(resume_dir(folder).iterdir())
+
+
+def test_the_test_split_is_read_only_once_the_reranking_has_chosen(
+    constructed: tuple[Path, int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fer_search.finalize as finalize_module
+
+    events: list[tuple[str, object]] = []
+    load, train = finalize_module.load_configured, finalize_module._trained_seed
+
+    def loading(config: Any, with_test: bool = False) -> Any:
+        events.append(("load", with_test))
+        return load(config, with_test=with_test)
+
+    def training(job: SeedJob, *args: Any) -> Any:
+        events.append(("train", job.label))
+        return train(job, *args)
+
+    monkeypatch.setattr(finalize_module, "load_configured", loading)
+    monkeypatch.setattr(finalize_module, "_trained_seed", training)
+    folder, lucky, sound = constructed
+    result = finalize(folder, *RERANKED, "--epochs", "1", "--seeds", "3", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    reranking = [e for e in events if e[0] == "train" and str(e[1]).startswith("trial ")]
+    assert len(reranking) == 4 and ("train", "best seed 2") in events
+    assert events.count(("load", True)) == 1  # the test split is loaded once ...
+    assert events.index(("load", True)) > max(events.index(e) for e in reranking)  # ... after the re-ranking
+    assert events.index(("load", True)) < events.index(("train", "best seed 2"))

@@ -22,7 +22,16 @@ from fer_search.config import SpaceConfig
 from fer_search.data import CLASSES
 from fer_search.errors import UserError
 from fer_search.model import BASELINE, build_model
-from fer_search.predict import compact_state, load_model, predict_images, save_model
+from fer_search.predict import (
+    MAX_MEMBERS,
+    compact_state,
+    load_model,
+    mirrored,
+    predict_images,
+    save_model,
+    stored_bytes,
+)
+from fer_search.train import logits_for
 
 LIMIT = 16 * 2**20  # bytes: the most a model.pt may take, whatever the architecture
 
@@ -35,7 +44,7 @@ def test_load_model_alone(finalized: Path) -> None:
     loaded = fer_search.load_model(model_path(finalized))
     assert loaded.classes == CLASSES
     assert not loaded.model.training
-    assert loaded.meta["trial"] >= 0 and loaded.meta["seed"] in (0, 1)
+    assert loaded.meta["trial"] >= 0 and set(loaded.meta["seeds"]) <= {0, 1} and loaded.members == 1
 
 
 def test_any_size_or_colour_is_converted(finalized: Path, tmp_path: Path) -> None:
@@ -142,8 +151,9 @@ def baseline_state() -> dict[str, torch.Tensor]:
 def crafted_model(path: Path, state: dict[str, torch.Tensor], changes: dict[str, object]) -> Path:
     """The baseline's model.pt as finalize writes it, with `changes`: "key" replaces an entry, "params.x" a field."""
     doc: dict[str, Any] = {
-        "format": "fer-search-model/1",
-        "state_dict": state,
+        "format": "fer-search-model/2",
+        "members": [state],
+        "flip": False,
         "params": BASELINE.to_dict(),
         "classes": list(CLASSES),
         "normalization": {"mean": 0.5, "std": 0.5},
@@ -191,8 +201,11 @@ def test_the_crafted_baseline_itself_loads(tmp_path: Path, baseline_state: dict[
         ({"classes": [str(i) for i in range(10**5)]}, "classes must be FER2013's 7, not a list of length 100000"),
         ({"classes": list(reversed(CLASSES))}, "classes must be FER2013's in label order"),
         ({"classes": "angry"}, "classes must be FER2013's 7, not a str of length 5"),
-        ({"state_dict": {0: torch.zeros(1)}}, "state_dict[0] must be a tensor named by a string"),
-        ({"state_dict": [torch.zeros(1)]}, "state_dict must be a dict of tensors, not a list of length 1"),
+        ({"members": [{0: torch.zeros(1)}]}, "state_dict[0] must be a tensor named by a string"),
+        ({"members": [[torch.zeros(1)]]}, "state_dict must be a dict of tensors, not a list of length 1"),
+        ({"members": []}, "members must be a list of 1 to 32 state_dicts, not a list of length 0"),
+        ({"members": {"a": 1}}, "members must be a list of 1 to 32 state_dicts, not a dict of length 1"),
+        ({"flip": "yes"}, "flip must be true or false, not a str of length 3"),
         ({"normalization": torch.zeros(2)}, "normalization must be {'mean': 0.5, 'std': 0.5}"),
         ({"meta": "x"}, "meta must be a dict, not a str of length 1"),
     ],
@@ -236,15 +249,17 @@ def test_every_architecture_of_the_space_fits_in_16_mib(tmp_path: Path) -> None:
             BASELINE, dropout_pattern=pattern, width=width, convs_per_block=convs, linear_depth=depth
         )
         path = tmp_path / "model.pt"
-        save_model(path, build_model(params).state_dict(), params, CLASSES, {})
+        save_model(path, [build_model(params).state_dict()], params, CLASSES, {})
         sizes[pattern, width, convs, depth] = path.stat().st_size
+        # What finalize --ensemble checks before training: the file's size, but for the pickle's structure.
+        assert 0 <= sizes[pattern, width, convs, depth] - stored_bytes(params) < 64 * 2**10
     assert len(sizes) == 120
     assert max(sizes.values()) <= LIMIT, max(sizes.items(), key=lambda kv: kv[1])
     assert sizes["interlaced", 2.0, 2, 3] > 8 * 2**20  # the largest (5.9 M parameters) is stored, not lost
 
 
 def test_weights_are_float16_and_statistics_float32(finalized: Path) -> None:
-    state = torch.load(model_path(finalized), weights_only=True)["state_dict"]
+    [state] = torch.load(model_path(finalized), weights_only=True)["members"]
     weights = {k for k, v in state.items() if v.dim() >= 2}  # conv (4-D) and linear (2-D)
     assert {"block1.0.weight", "block4.0.weight"} <= weights and any(v.dim() == 2 for v in state.values())
     assert all(state[k].dtype == torch.float16 for k in weights)
@@ -280,6 +295,66 @@ def test_a_float32_model_file_still_loads_and_predicts_as_its_weights(tmp_path: 
     }
     torch.save(doc, tmp_path / "old.pt")
     loaded = load_model(tmp_path / "old.pt")
+    assert loaded.members == 1 and not loaded.flip
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
     images = sorted(tiny_fer.glob("test/*/*.jpg"))[:4]
     assert [p.label in CLASSES for p in predict_images(loaded, images)] == [True] * 4
+
+
+def tiny_images(tiny_fer: Path) -> tuple[list[Path], torch.Tensor]:
+    """A few test images and the uint8 batch predict makes of them."""
+    paths = sorted(tiny_fer.glob("test/*/*.jpg"))[:10]
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("L")) for p in paths])).unsqueeze(1)
+    return paths, x
+
+
+def seeded_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return compact_state(build_model(BASELINE).state_dict())
+
+
+def member(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(BASELINE)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_a_flip_averaged_model_predicts_the_mean_logits_of_each_face_and_its_mirror(
+    tmp_path: Path, tiny_fer: Path
+) -> None:
+    state = seeded_state(1)
+    save_model(tmp_path / "model.pt", [state], BASELINE, CLASSES, {}, flip=True)
+    loaded = load_model(tmp_path / "model.pt")
+    paths, x = tiny_images(tiny_fer)
+    model = member(state)
+    expected = torch.softmax((logits_for(model, x) + logits_for(model, x.flip(-1))) / 2, dim=1)
+    plain = torch.softmax(logits_for(model, x), dim=1)
+    got = torch.tensor([[p.probs[c] for c in CLASSES] for p in predict_images(loaded, paths)])
+    assert loaded.flip and loaded.members == 1
+    assert torch.allclose(got, expected, atol=2e-6) and not torch.allclose(got, plain, atol=2e-5)
+
+
+def test_an_ensemble_predicts_its_members_mean_probabilities(tmp_path: Path, tiny_fer: Path) -> None:
+    states = [seeded_state(seed) for seed in (1, 2, 3)]
+    save_model(tmp_path / "model.pt", states, BASELINE, CLASSES, {"seeds": [1, 2, 3]})
+    loaded = load_model(tmp_path / "model.pt")
+    paths, x = tiny_images(tiny_fer)
+    expected = torch.stack([torch.softmax(logits_for(member(s), x), dim=1) for s in states]).mean(0)
+    got = torch.tensor([[p.probs[c] for c in CLASSES] for p in predict_images(loaded, paths)])
+    assert loaded.members == 3 and not loaded.flip
+    assert torch.allclose(got, expected, atol=2e-6)
+
+
+def test_mirrored_flips_left_to_right_only() -> None:
+    x = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4)
+    assert torch.equal(mirrored(x)[..., 0], x[..., -1]) and torch.equal(mirrored(mirrored(x)), x)
+
+
+def test_a_file_listing_one_state_more_than_32_times_is_refused_before_building(
+    tmp_path: Path, tiny_fer: Path, baseline_state: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save stores a tensor once however often it is listed: such a file is small, its models are not."""
+    monkeypatch.setattr("fer_search.predict.build_model", refuse_to_build)
+    path = crafted_model(tmp_path / "model.pt", baseline_state, {"members": [baseline_state] * (MAX_MEMBERS + 1)})
+    assert path.stat().st_size < 8 * 2**20
+    assert "members must be a list of 1 to 32 state_dicts, not a list of length 33" in predict_error(path, tiny_fer)

@@ -112,3 +112,19 @@ def test_finalize_on_a_terminal_draws_one_bar_over_every_epoch(caplog: pytest.Lo
     assert "a log line\n" in screen.getvalue()
     assert not [r for r in caplog.records if "epoch 1/2" in r.getMessage()]  # -v alone adds them as lines
     shown.close()
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_a_later_phase_adds_its_epochs_to_those_done(bar: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The re-ranking's epochs, then the final seeds': one count, whose total grows once the winner is known."""
+    caplog.set_level(logging.INFO, "fer_search")
+    screen = io.StringIO()
+    shown = FinalizeProgress(bar=bar, file=screen)
+    shown(FinalizePlan(epochs=2))
+    shown(SeedEpoch("trial 3 seed 0", 1, 2, 0.4))
+    shown(SeedEpoch("trial 3 seed 0", 2, 2, 0.5))
+    shown(FinalizePlan(epochs=3))
+    shown(SeedEpoch("best seed 2", 1, 3, 0.5))
+    shown.close()
+    shown_text = screen.getvalue() if bar else "\n".join(r.getMessage() for r in caplog.records)
+    assert "3/5 epochs" in shown_text and "2/2 epochs" in shown_text

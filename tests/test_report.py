@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from finalizing import (
     Finalized,
     baseline_won,
     fake_inputs,
+    runs_aggregate,
     toy_study,
 )
 from optuna.distributions import FloatDistribution, IntDistribution
@@ -36,7 +38,7 @@ from fer_search.errors import UserError
 from fer_search.figures import FIGURE_NAMES, Plot
 from fer_search.model import BASELINE
 from fer_search.report import report_html, write_reports
-from fer_search.results import Commands, aggregate
+from fer_search.results import Aggregate, Commands, Scored, aggregate
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -105,7 +107,7 @@ def test_page_has_the_key_numbers(written: list[Path], inputs: Finalized) -> Non
     assert "61.356%: reported by the documented project, on its own split" in page
     assert page.count("61.356") == 1
     assert "includes the validation split (PublicTest)" in page
-    assert "Best trial #3" in page and "65.43%" in page
+    assert "Finalized trial #3: PublicTest accuracy 65.43% during the search." in page
     baseline_trial = inputs.study.trials[2]
     assert f"Baseline: trial #2, PublicTest accuracy {baseline_trial.value:.2%}" in page
     assert "(shipped)" in page and "baseline" in page
@@ -173,13 +175,193 @@ def test_page_says_plainly_when_the_best_trial_is_the_baseline(inputs: Finalized
         "The best trial found (#0) is the baseline configuration: finalize trained each seed once, "
         "so the best trial&#x27;s runs are the baseline&#x27;s, shown once." in page
     )
-    assert [row[0] for row in table_after(page, "<h2>Headline</h2>")[1:]] == ["best trial #0 = baseline"]
+    assert [row[0] for row in table_after(page, "<h2>Headline</h2>")[1:]] == [
+        "best trial #0 = baseline, single model",
+        "best trial #0 = baseline, single model, flip averaged",
+        "best trial #0 = baseline, ensemble of seeds 0, 1, 2",
+        "best trial #0 = baseline, ensemble of seeds 0, 1, 2, flip averaged",
+    ]
     per_seed = table_after(page, "<h2>Per-seed results</h2>")[1:]
     assert [row[:2] for row in per_seed] == [
         [f"best trial #0 = baseline{' (shipped)' if seed == won.shipped.seed else ''}", str(seed)] for seed in (0, 1, 2)
     ]
     assert "baseline (seed" not in page and "the baseline were" not in page  # no second, identical set of columns
     assert "The best trial has the baseline&#x27;s configuration." in page
+
+
+# --- the headline, the flip, the re-ranking ----------------------------------------------------
+
+
+def mean_std(values: list[float], fmt: str = ".2%") -> str:
+    """values' mean ± sample standard deviation, as the page writes them."""
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def aggregate_cells(agg: Aggregate | None) -> list[str]:
+    """A single-model row's numbers: validation, test accuracy, test macro-F1, test_all accuracy over seeds."""
+    assert agg is not None
+    runs = agg.per_seed.values()
+    return [
+        mean_std([r.val_acc for r in runs]),
+        mean_std([r.private_test.accuracy for r in runs]),
+        mean_std([r.private_test.macro_f1 for r in runs], ".3f"),
+        mean_std([r.test_all.accuracy for r in runs]),
+    ]
+
+
+def scored_cells(scored: Scored) -> list[str]:
+    return [
+        f"{scored.val_acc:.2%}",
+        f"{scored.private_test.accuracy:.2%}",
+        f"{scored.private_test.macro_f1:.3f}",
+        f"{scored.test_all.accuracy:.2%}",
+    ]
+
+
+def test_headline_gives_single_flip_averaged_and_ensembled_models_with_the_shipped_one_marked(
+    inputs: Finalized,
+) -> None:
+    m = inputs.metrics
+    assert m.ensemble is not None
+    page = page_without_figures(inputs)
+    rows = table_after(page, "<h2>Headline</h2>")
+    seed = inputs.shipped.seed
+    assert rows == [
+        ["", "PublicTest accuracy", "PrivateTest accuracy", "PrivateTest macro-F1", "test_all accuracy", "model.pt"],
+        ["best trial #3, single model", *aggregate_cells(m.best), ""],
+        [
+            "best trial #3, single model, flip averaged",
+            *aggregate_cells(m.best_flipped),
+            f"shipped: model.pt is seed {seed}",
+        ],
+        ["best trial #3, ensemble of seeds 0, 1, 2", *scored_cells(m.ensemble.plain), ""],
+        ["best trial #3, ensemble of seeds 0, 1, 2, flip averaged", *scored_cells(m.ensemble.flipped), ""],
+        ["baseline, single model", *aggregate_cells(m.baseline), ""],
+        ["baseline, single model, flip averaged", *aggregate_cells(m.baseline_flipped), ""],
+    ]
+    assert "Single model: each seed&#x27;s model alone, mean ± std over 3 seeds; ensemble: one model averaging" in page
+    shipped = m.shipped
+    assert (
+        f"model.pt: best trial #3, seed {seed}, flip averaged: of the seeds of the marked row (whose figures are "
+        f"their mean), the one of best PublicTest accuracy. Its own figures: PrivateTest accuracy "
+        f"{shipped.private_test.accuracy:.2%} (what `fer-search predict` reproduces on the PrivateTest images), "
+        f"macro-F1 {shipped.private_test.macro_f1:.3f}, test_all accuracy {shipped.test_all.accuracy:.2%}, "
+        f"PublicTest accuracy {shipped.val_acc:.2%}." in html.unescape(page)
+    )
+
+
+def test_headline_of_a_shipped_ensemble(inputs: Finalized) -> None:
+    ensembled = fake_inputs(inputs.study, ensemble=True)
+    m = ensembled.metrics
+    assert m.ensemble is not None
+    page = html.unescape(page_without_figures(ensembled))
+    marked = [(row[0], row[-1]) for row in table_after(page, "<h2>Headline</h2>")[1:] if row[-1]]
+    assert marked == [("best trial #3, ensemble of seeds 0, 1, 2, flip averaged", "shipped: model.pt")]
+    assert (
+        "model.pt: best trial #3, ensemble of seeds 0, 1, 2, flip averaged: the marked row. Its own figures: "
+        f"PrivateTest accuracy {m.ensemble.flipped.private_test.accuracy:.2%} (what `fer-search predict` reproduces"
+    ) in page
+    assert "PublicTest chose each run's epoch, the re-ranked trial and whether to flip; PrivateTest is" in page
+    per_seed = table_after(page, "<h2>Per-seed results</h2>")[1:]
+    assert [row[0] for row in per_seed[:3]] == ["best trial #3 (in the shipped ensemble)"] * 3
+    # The curves are of one training: the ensemble's member of best validation accuracy.
+    figures = {name: Plot(b"a png" if name == "performance.png" else None) for name in FIGURE_NAMES}
+    page = html.unescape(report_html(ensembled, figures, datetime(2026, 1, 6, 9, 30), None))
+    assert (
+        "<figcaption>performance.png: Training and validation curves of the shipped ensemble's member of best "
+        f"PublicTest accuracy (best trial #3, seed {ensembled.shipped.seed}) (solid)" in page
+    )
+
+
+def test_page_says_how_flip_averaging_was_decided(inputs: Finalized) -> None:
+    flip = inputs.metrics.flip
+    page = html.unescape(page_without_figures(inputs))
+    assert (
+        "Flip averaging (each face's logits averaged with its mirror image's) was decided on PublicTest "
+        f"(--flip auto): the mean of seeds 0, 1, 2 scores {flip.val_acc:.2%} without it and "
+        f"{flip.val_acc_flipped:.2%} with it, so model.pt flip averages." in page
+    )
+    assert "PublicTest chose each run's epoch, the re-ranked trial, whether to flip and the shipped seed;" in page
+    off = dataclasses.replace(flip, mode="off", used=False)
+    metrics = dataclasses.replace(
+        inputs.metrics, flip=off, shipped=dataclasses.replace(inputs.metrics.shipped, flip=False)
+    )
+    page = html.unescape(page_without_figures(dataclasses.replace(inputs, metrics=metrics)))
+    assert (
+        "is off as finalize was told (--flip off), not decided on PublicTest; there the mean of seeds 0, 1, 2 "
+        f"scores {flip.val_acc:.2%} without it and {flip.val_acc_flipped:.2%} with it." in page
+    )
+    assert "PublicTest chose each run's epoch, the re-ranked trial and the shipped seed;" in page
+    marked = [row[0] for row in table_after(page, "<h2>Headline</h2>")[1:] if row[-1]]
+    assert marked == ["best trial #3, single model"]
+    assert f"model.pt: best trial #3, seed {inputs.shipped.seed}, without flip averaging:" in page
+
+
+def test_re_ranking_gives_each_candidates_search_score_and_retrained_mean(inputs: Finalized) -> None:
+    selection = inputs.metrics.selection
+    assert selection is not None
+    page = html.unescape(page_without_figures(inputs))
+    rows = table_after(page, "<h2>Re-ranking</h2>")
+    assert rows == [
+        [
+            "trial",
+            "search score (PublicTest accuracy during the search)",
+            "seed 0: retrained PublicTest accuracy",
+            "seed 1: retrained PublicTest accuracy",
+            "retrained mean ± std",
+        ],
+        ["#7", "66.21%", "62.00%", "62.50%", "62.25% ± 0.35%"],
+        ["#3 (finalized)", "65.43%", "63.20%", "63.80%", "63.50% ± 0.42%"],
+        ["#2 (baseline)", "65.02%", "60.50%", "61.50%", "61.00% ± 0.71%"],
+    ]
+    assert "The search's top 3 trials (--top-k 3), in the search's order, were each retrained with seeds 0, 1" in page
+    assert (
+        "The search score of trial #3 overstated its retrained mean by 1.93 points. Trial #3 is not the search's "
+        "best: trial #7 scored 66.21% in the search, but 62.25% on average retrained." in page
+    )
+    # The search section names the search's best, which the re-ranking passed over.
+    assert "14 trials; best value 66.21% (trial #7)." in page
+
+
+def test_re_ranking_may_find_the_search_understated_its_best(inputs: Finalized) -> None:
+    selection = inputs.metrics.selection
+    assert selection is not None
+    first = selection.candidates[0]
+    understated = dataclasses.replace(selection, chosen=first.number, overstated_by=first.value - 0.6700)
+    metrics = dataclasses.replace(inputs.metrics, selection=understated)
+    page = html.unescape(page_without_figures(dataclasses.replace(inputs, metrics=metrics)))
+    assert (
+        "The search score of trial #7 understated its retrained mean by 0.79 points. "
+        "Trial #7 is also the search's best." in page
+    )
+    assert [row[0] for row in table_after(page, "<h2>Re-ranking</h2>")[1:]] == ["#7 (finalized)", "#3", "#2 (baseline)"]
+
+
+def test_a_trial_not_re_ranked_gets_a_sentence(inputs: Finalized) -> None:
+    page = page_without_figures(fake_inputs(inputs.study, reranked=False))
+    section = page[page.index("<h2>Re-ranking</h2>") : page.index("<h2>Per-seed results</h2>")]
+    assert section == (
+        "<h2>Re-ranking</h2>\n<p>The search&#x27;s best trial #3 was finalized as it is, not re-ranked "
+        "(finalize --top-k 1, or the study has a single complete configuration).</p>\n"
+    )
+    assert "14 trials; best value 65.43% (trial #3)." in page
+    assert "PublicTest chose each run&#x27;s epoch, the trial, whether to flip and the shipped seed;" in page
+
+
+def test_per_seed_table_gives_each_seeds_flip_averaged_accuracy(inputs: Finalized) -> None:
+    m = inputs.metrics
+    assert m.baseline_flipped is not None
+    rows = table_after(page_without_figures(inputs), "<h2>Per-seed results</h2>")
+    assert rows[0][4:6] == ["PrivateTest accuracy", "PrivateTest accuracy, flip averaged"]
+    flipped = [
+        f"{agg.per_seed[seed].private_test.accuracy:.2%}"
+        for agg in (m.best_flipped, m.baseline_flipped)
+        for seed in "012"
+    ]
+    assert [row[5] for row in rows[1:]] == flipped
+    assert [row[0] for row in rows[1:4]] == [
+        "best trial #3" + (" (shipped)" if seed == inputs.shipped.seed else "") for seed in (0, 1, 2)
+    ]
 
 
 def test_importances_that_cannot_be_estimated_are_a_sentence_not_an_image(inputs: Finalized, tmp_path: Path) -> None:
@@ -198,16 +380,28 @@ def test_importances_that_cannot_be_estimated_are_a_sentence_not_an_image(inputs
 
 
 def test_one_seed_has_no_std(inputs: Finalized, tmp_path: Path) -> None:
+    assert inputs.baseline is not None
+    seed = inputs.shipped.seed
     one_seed = dataclasses.replace(
         inputs.metrics,
-        seeds=[inputs.shipped.seed],
-        best=aggregate([inputs.shipped]),
-        baseline=aggregate([inputs.baseline]),
+        seeds=[seed],
+        selection=None,  # its candidates' retrainings have their own spread
+        best=runs_aggregate([inputs.shipped]),
+        best_flipped=one_of(inputs.metrics.best_flipped, seed),
+        ensemble=None,
+        baseline=runs_aggregate([inputs.baseline]),
+        baseline_flipped=one_of(inputs.metrics.baseline_flipped, seed),
     )
     write(dataclasses.replace(inputs, metrics=one_seed), tmp_path)
     page = page_of(tmp_path)
     assert "±" not in page and f"seed {inputs.shipped.seed} only, no spread" in page
     assert "±" not in (tmp_path / "recalls_precisions.txt").read_text()
+
+
+def one_of(agg: Aggregate | None, seed: int) -> Aggregate:
+    """`agg`'s seed `seed` alone."""
+    assert agg is not None
+    return aggregate({str(seed): agg.per_seed[str(seed)]})
 
 
 def test_a_study_without_complete_trials_still_gets_its_page(inputs: Finalized, tmp_path: Path) -> None:

@@ -7,27 +7,35 @@ import json
 
 import numpy as np
 import pytest
-from finalizing import BEST_PARAMS, fake_metrics, fake_run
+from finalizing import BEST_PARAMS, fake_metrics, fake_run, runs_aggregate
+from numpy.typing import NDArray
 
 from fer_search.data import CLASSES
 from fer_search.metrics import ClassificationReport, ClassScores, classification_report
 from fer_search.model import BASELINE
 from fer_search.results import (
     Aggregate,
+    Candidate,
     Commands,
+    Ensemble,
     FinalMetrics,
     Protocol,
+    Scored,
     SeedRun,
-    aggregate,
 )
 
 METRICS_KEYS = [
-    "shipped_seed",
+    "shipped",
     "epochs",
     "seeds",
     "best_trial",
+    "selection",
+    "flip",
     "best",
+    "best_flipped",
+    "ensemble",
     "baseline",
+    "baseline_flipped",
     "baseline_reported",
     "protocol",
     "data",
@@ -38,10 +46,15 @@ METRICS_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def runs() -> list[SeedRun]:
+def labels() -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """The test split's labels, and PublicTest's."""
     rng = np.random.default_rng(3)
-    labels, public = rng.integers(0, len(CLASSES), 60), rng.integers(0, len(CLASSES), 40)
-    return [fake_run(kind, seed, labels, public) for kind in ("best", "baseline") for seed in (0, 1, 2)]
+    return rng.integers(0, len(CLASSES), 60), rng.integers(0, len(CLASSES), 40)
+
+
+@pytest.fixture(scope="module")
+def runs(labels: tuple[NDArray[np.int64], NDArray[np.int64]]) -> list[SeedRun]:
+    return [fake_run(kind, seed, *labels) for kind in ("best", "baseline") for seed in (0, 1, 2)]
 
 
 def run_with(seed: int, y_true: list[int], y_pred: list[int]) -> SeedRun:
@@ -74,12 +87,13 @@ def test_a_seed_run_comes_back_from_its_json_typed(runs: list[SeedRun]) -> None:
     )
 
 
-def test_metrics_json_has_its_keys_in_order_and_comes_back(runs: list[SeedRun]) -> None:
-    metrics = fake_metrics(runs[:3], runs[3:], Commands(run="fer-search run", finalize="fer-search finalize"))
+def test_metrics_json_has_its_keys_in_order_and_comes_back(labels: tuple[NDArray[np.int64], NDArray[np.int64]]) -> None:
+    metrics = fake_metrics(*labels, Commands(run="fer-search run", finalize="fer-search finalize"))
     text = metrics.to_json()
     doc = json.loads(text)
     assert list(doc) == METRICS_KEYS
-    assert text.startswith('{\n  "shipped_seed": ')  # indented as metrics.json always was
+    assert text.startswith('{\n  "shipped": {')  # indented as metrics.json always was
+    assert list(doc["shipped"]) == ["trial", "seeds", "flip", "ensemble", "val_acc", "private_test", "test_all"]
     assert list(doc["best_trial"]) == ["number", "value", "params"] and doc["best_trial"]["params"] == {
         **BASELINE.to_dict(),
         "lr": 0.0021,
@@ -88,11 +102,18 @@ def test_metrics_json_has_its_keys_in_order_and_comes_back(runs: list[SeedRun]) 
         "dropout_low": None,
         "dropout_head": None,
     }
-    assert list(doc["best"]) == ["per_seed", "mean", "std"] and list(doc["best"]["per_seed"]) == ["0", "1", "2"]
+    assert list(doc["selection"]) == ["top_k", "seeds", "candidates", "chosen", "overstated_by"]
+    assert [c["number"] for c in doc["selection"]["candidates"]] == [7, 3, 2] and doc["selection"]["chosen"] == 3
+    assert list(doc["selection"]["candidates"][1]) == ["number", "value", "params", "val_accs", "mean", "std"]
+    assert list(doc["flip"]) == ["mode", "used", "decided_on", "val_acc", "val_acc_flipped"]
+    for key in ("best", "best_flipped", "baseline", "baseline_flipped"):
+        assert list(doc[key]) == ["per_seed", "mean", "std"] and list(doc[key]["per_seed"]) == ["0", "1", "2"]
     assert list(doc["best"]["per_seed"]["1"]) == ["val_acc", "best_epoch", "private_test", "test_all"]
     assert list(doc["best"]["mean"]) == ["private_test", "test_all"]
     assert list(doc["best"]["std"]["test_all"]) == ["accuracy", "macro_f1", "per_class", "confusion"]
     assert list(doc["best"]["mean"]["private_test"]["per_class"]["sad"]) == ["precision", "recall", "f1"]
+    assert list(doc["ensemble"]) == ["seeds", "plain", "flipped"]
+    assert list(doc["ensemble"]["flipped"]) == ["val_acc", "private_test", "test_all"]
     assert doc["baseline_reported"] == {
         "accuracy": 0.61356,
         "note": "reported by the documented project, on its own split",
@@ -107,14 +128,33 @@ def test_metrics_json_has_its_keys_in_order_and_comes_back(runs: list[SeedRun]) 
     back = FinalMetrics.from_json(text)
     assert back == metrics and back.to_json() == text
     assert isinstance(back.best.per_seed["2"].private_test, ClassificationReport)
-    assert back.best_trial.params == BEST_PARAMS
+    assert isinstance(back.ensemble, Ensemble) and isinstance(back.ensemble.flipped, Scored)
+    assert back.selection is not None and isinstance(back.selection.candidates[0], Candidate)
+    assert back.best_trial.params == BEST_PARAMS and back.selection.candidates[1].params == BEST_PARAMS
 
 
-def test_metrics_without_baseline_or_run_command_come_back(runs: list[SeedRun]) -> None:
-    metrics = fake_metrics(runs[:1], None, Commands(run=None, finalize="fer-search finalize --no-baseline"))
-    doc = json.loads(metrics.to_json())
-    assert doc["baseline"] is None and doc["best"]["std"] is None and doc["commands"]["run"] is None
-    assert FinalMetrics.from_json(metrics.to_json()) == metrics
+def test_metrics_of_a_shipped_ensemble_come_back(labels: tuple[NDArray[np.int64], NDArray[np.int64]]) -> None:
+    metrics = fake_metrics(
+        *labels, Commands(run="fer-search run", finalize="fer-search finalize --ensemble"), ensemble=True
+    )
+    assert metrics.shipped.ensemble and metrics.shipped.seeds == [0, 1, 2]
+    text = metrics.to_json()
+    back = FinalMetrics.from_json(text)
+    assert back == metrics and back.to_json() == text
+
+
+def test_metrics_of_one_seed_without_baseline_re_ranking_or_run_command_come_back(
+    labels: tuple[NDArray[np.int64], NDArray[np.int64]],
+) -> None:
+    commands = Commands(run=None, finalize="fer-search finalize --no-baseline --seeds 1 --top-k 1")
+    metrics = fake_metrics(*labels, commands, seeds=[0], baseline=False, reranked=False)
+    text = metrics.to_json()
+    doc = json.loads(text)
+    assert doc["baseline"] is None and doc["baseline_flipped"] is None and doc["commands"]["run"] is None
+    assert doc["selection"] is None and doc["ensemble"] is None
+    assert doc["best"]["std"] is None and doc["best_flipped"]["std"] is None
+    back = FinalMetrics.from_json(text)
+    assert back == metrics and back.to_json() == text
 
 
 def test_protocol_without_public_test_names() -> None:
@@ -130,7 +170,7 @@ def test_aggregate_mean_and_sample_std_over_seeds() -> None:
         run_with(1, [0, 0, 1, 2], [0, 0, 1, 0]),
         run_with(2, [0, 0, 1, 2], [0, 0, 1, 2]),
     ]
-    agg = aggregate(seeds)
+    agg = runs_aggregate(seeds)
     assert list(agg.per_seed) == ["0", "1", "2"] and agg.per_seed["1"].private_test == seeds[1].private_test
     assert agg.mean.private_test.accuracy == pytest.approx(0.75)
     assert agg.std is not None and agg.std.test_all.accuracy == pytest.approx(0.25)  # ddof 1: sqrt(0.125 / 2)
@@ -144,7 +184,7 @@ def test_aggregate_mean_and_sample_std_over_seeds() -> None:
 
 def test_one_seed_has_a_mean_and_no_std() -> None:
     run = run_with(4, [0, 1, 2], [0, 1, 1])
-    agg = aggregate([run])
+    agg = runs_aggregate([run])
     assert agg == Aggregate(per_seed={"4": agg.per_seed["4"]}, mean=agg.mean, std=None)
     assert agg.mean.private_test.accuracy == run.private_test.accuracy == pytest.approx(2 / 3)
     assert agg.mean.test_all.confusion == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
