@@ -193,24 +193,21 @@ def test_training_curves_draw_the_best_trial_over_the_baseline(inputs: Finalized
     assert "(solid)" in fig.get_suptitle() and "(dashed)" in fig.get_suptitle()
 
 
-@pytest.mark.parametrize("ensemble", [False, True])
-def test_the_figures_say_what_is_shipped(ensemble: bool, figures: list[Figure]) -> None:
+@pytest.mark.parametrize("ensemble, flip", [(False, False), (True, True)])
+def test_the_figures_say_what_is_shipped(ensemble: bool, flip: bool, figures: list[Figure]) -> None:
     inputs = fake_inputs(toy_study(n_complete=3), ensemble=ensemble)
-    report_figures(inputs)
+    shipped_as = dataclasses.replace(inputs.metrics.shipped, flip=flip)
+    report_figures(dataclasses.replace(inputs, metrics=dataclasses.replace(inputs.metrics, shipped=shipped_as)))
     confusion, performance, misclassified = (fig.get_suptitle() for fig in figures[:3])
     seed = inputs.shipped.seed
-    shipped = "ensemble of seeds 0, 1, 2" if ensemble else f"seed {seed}"
-    assert confusion.startswith(f"Confusion matrix of the shipped model (best trial #3, {shipped}, flip averaged) on ")
-    assert misclassified.startswith(f"Misclassified PrivateTest faces of the shipped model (best trial #3, {shipped}, ")
+    shipped = ("ensemble of seeds 0, 1, 2" if ensemble else f"seed {seed}") + (
+        ", flip averaged" if flip else ", without flip averaging"
+    )
+    assert confusion.startswith(f"Confusion matrix of the shipped model (best trial #3, {shipped}) on ")
+    assert misclassified.startswith(f"Misclassified PrivateTest faces of the shipped model (best trial #3, {shipped})")
     # The curves are one training's: the shipped seed's, or the ensemble's member of best validation accuracy.
     trained = "shipped ensemble's member of best PublicTest accuracy" if ensemble else "shipped model"
     assert performance.startswith(f"Training curves of the {trained} (best trial #3, seed {seed}) (solid)")
-
-
-def test_a_model_shipped_without_flip_is_named_so(inputs: Finalized, figures: list[Figure]) -> None:
-    unflipped = dataclasses.replace(inputs.metrics.shipped, flip=False)
-    report_figures(dataclasses.replace(inputs, metrics=dataclasses.replace(inputs.metrics, shipped=unflipped)))
-    assert f"(best trial #3, seed {inputs.shipped.seed}, without flip averaging)" in figures[0].get_suptitle()
 
 
 def test_where_the_best_trial_is_the_baseline_its_runs_are_drawn_once(inputs: Finalized) -> None:

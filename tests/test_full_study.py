@@ -39,7 +39,23 @@ def full_study(data: Path, out: Path, work: Path, *args: str) -> subprocess.Comp
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-REHEARSAL = ("--budget-s", "500", "--trials", "2", "--epochs", "1", "--seeds", "1", "--workers", "1")
+# The GPU run's phases at the least size that runs each path (finalize re-ranks 2 trials, one retraining each).
+REHEARSAL = (
+    "--budget-s",
+    "500",
+    "--trials",
+    "2",
+    "--epochs",
+    "1",
+    "--seeds",
+    "1",
+    "--top-k",
+    "2",
+    "--selection-seeds",
+    "1",
+    "--workers",
+    "1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +102,16 @@ def test_summary_holds_every_phase_and_its_figures(rehearsed: Path) -> None:
     assert 0 <= study["share_of_epochs_pruned"] < 1
     final = phases["finalize"]
     assert final["seeds"] == [0] and final["predict"]["reproduces"]
-    for name in ("best", "baseline"):
+    assert (final["top_k"], final["selection_seeds"]) == (2, 1)
+    for name in ("best", "baseline", "best_flipped", "baseline_flipped"):
         assert 0 <= final[name]["private_test"]["mean"] <= 1
+    shipped = final["shipped"]
+    assert shipped["seeds"] == [0] and shipped["flip"] == final["flip"]["used"] and not shipped["ensemble"]
+    assert final["predict"]["metrics_json"] == shipped["private_test"]
+    assert final["ensemble"] is None  # one seed
+    if final["selection"] is not None:  # two complete trials of distinct configurations
+        candidates = [c["number"] for c in final["selection"]["candidates"]]
+        assert len(candidates) == 2 and final["selection"]["chosen"] in candidates
     assert all(phases[name]["seconds"] >= 0 for name in PHASES)
     assert {f["name"] for f in summary["files"]} <= SHIPPED
 
@@ -130,6 +154,10 @@ def test_a_fresh_machine_continues_the_study_from_dir(rehearsed: Path, tiny_fer:
         "--epochs",
         "1",
         "--seeds",
+        "1",
+        "--top-k",
+        "2",
+        "--selection-seeds",
         "1",
         "--workers",
         "2",
