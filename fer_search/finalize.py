@@ -292,8 +292,8 @@ def rerank(
     chosen = max(ranked, key=lambda c: (c.mean, c.value, -c.number))
     best = next(c for c in candidates if c.number == chosen.number)
     say(
-        f"re-ranked: trial #{chosen.number} is finalized, retrained mean {percent(chosen.mean)} on {len(seeds)} "
-        f"seeds against {percent(chosen.value)} in the search"
+        f"re-ranked: trial #{chosen.number} is finalized, retrained {percent(chosen.mean)} on average over seeds "
+        f"{', '.join(map(str, seeds))} against {percent(chosen.value)} in the search"
     )
     return best, Selection(
         top_k=config.finalize.top_k,
