@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fer_search.metrics import ClassificationReport
 from fer_search.model import BASELINE
-from fer_search.results import Finalized, FinalMetrics, SeedRun, Shipped
+from fer_search.results import Finalized, FinalMetrics, SeedRun
 
 DPI = 110
 GRID_COLUMNS, GRID_ROWS = 6, 6  # misclassified faces shown
@@ -72,11 +72,6 @@ def best_name(metrics: FinalMetrics) -> str:
     return f"best trial #{metrics.best_trial.number}{same}"
 
 
-def is_ensemble(shipped: Shipped) -> bool:
-    """Whether model.pt averages several seeds (an --ensemble of one seed is that seed's model)."""
-    return len(shipped.seeds) > 1
-
-
 def seeds_list(seeds: Iterable[int | str]) -> str:
     """Seeds as the reports list them: 0, 1, 2."""
     return ", ".join(str(s) for s in seeds)
@@ -85,14 +80,14 @@ def seeds_list(seeds: Iterable[int | str]) -> str:
 def shipped_name(metrics: FinalMetrics) -> str:
     """What model.pt holds, as every report names it: the trial, its seed or ensemble of seeds, whether it flips."""
     shipped = metrics.shipped
-    members = f"ensemble of seeds {seeds_list(shipped.seeds)}" if is_ensemble(shipped) else f"seed {shipped.seeds[0]}"
+    members = f"ensemble of seeds {seeds_list(shipped.seeds)}" if shipped.ensemble else f"seed {shipped.seeds[0]}"
     return f"{best_name(metrics)}, {members}, " + ("flip averaged" if shipped.flip else "without flip averaging")
 
 
 def curves_label(f: Finalized) -> str:
     """Whose training the curves show: the shipped seed's, or the ensemble's member of best validation accuracy."""
     seed = f"{best_name(f.metrics)}, seed {f.shipped.seed}"
-    if is_ensemble(f.metrics.shipped):
+    if f.metrics.shipped.ensemble:
         return f"shipped ensemble's member of best {f.metrics.protocol.val} accuracy ({seed})"
     return f"shipped model ({seed})"
 

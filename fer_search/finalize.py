@@ -22,6 +22,7 @@ from fer_search.config import Config
 from fer_search.data import CLASSES, FerData, SplitData, load_configured
 from fer_search.errors import Crashed, UserError, first_line
 from fer_search.export import attach_final_files
+from fer_search.figures import seeds_list
 from fer_search.files import made_folder, sha256_json, write_file
 from fer_search.metrics import classification_report
 from fer_search.model import BASELINE, TrialParams
@@ -164,8 +165,11 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     models = dict(zip(jobs, retrain(jobs, config, data, epochs, device, runs_dir, say)))
     best_models = [models[SeedJob("best", best.params, seed)] for seed in seeds]
     baseline_models = baseline_models_of(models, best.params, seeds) if config.finalize.baseline else []
-    flip = flip_choice(config.finalize.flip, ensemble, best_models, data)
-    shipped_models = best_models if ensemble else [best_single(best_models, flip.used, data)]
+    # Each seed alone, without and with flip averaging, and the seeds together: scored once, from their logits.
+    singles = {flip: scored_aggregate(best_models, flip, data) for flip in (False, True)}
+    ensembled = ensemble_of(best_models, data) if len(seeds) > 1 else None
+    flip = flip_choice(config.finalize.flip, singles, ensembled if ensemble else None)
+    shipped_models = best_models if ensemble else [best_single(best_models, singles[flip.used])]
     shipped_scored, shipped_probs = scored(_logits(shipped_models), flip.used, data)
     shipped_seeds = [m.run.seed for m in shipped_models]
     meta = {
@@ -191,9 +195,9 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
         best_trial=best,
         selection=selection,
         flip=flip,
-        best=scored_aggregate(best_models, False, data),
-        best_flipped=scored_aggregate(best_models, True, data),
-        ensemble=ensemble_of(best_models, data) if len(seeds) > 1 else None,
+        best=singles[False],
+        best_flipped=singles[True],
+        ensemble=ensembled,
         baseline=scored_aggregate(baseline_models, False, data) if baseline_models else None,
         baseline_flipped=scored_aggregate(baseline_models, True, data) if baseline_models else None,
         baseline_reported=REPORTED_BASELINE,
@@ -205,7 +209,7 @@ def finalize_study(config: Config, command: str, say: Say) -> str:
     write_file(out / "metrics.json", metrics.to_json().encode())
     # The per-run figures show the shipped model's predictions, with the curves of its seed (an
     # ensemble's: its member of best validation accuracy) beside the baseline's run of that seed.
-    shown = best_single(shipped_models, flip.used, data).run
+    shown = best_single(shipped_models, singles[flip.used]).run
     shipped_run = dataclasses.replace(
         shown,
         private_test=shipped_scored.private_test,
@@ -248,14 +252,15 @@ def top_trials(study: optuna.Study, k: int) -> list[BestTrial]:
 def check_ensemble_fits(candidates: list[BestTrial], seeds: int) -> None:
     """--ensemble is refused before any training where the model file of any candidate's seeds would be too big."""
     for c in candidates:
-        size = stored_bytes(c.params, seeds)
+        per_model = stored_bytes(c.params)
+        size = seeds * per_model
         if seeds > MAX_MEMBERS:
             problem = f"{seeds} members, over the {MAX_MEMBERS} a model file may hold"
         elif size > MODEL_FILE_LIMIT:
             problem = f"about {size / 2**20:.1f} MiB, over the {MODEL_FILE_LIMIT // 2**20} MiB a model file may take"
         else:
             continue
-        fit = min(MAX_MEMBERS, MODEL_FILE_LIMIT // stored_bytes(c.params))
+        fit = min(MAX_MEMBERS, MODEL_FILE_LIMIT // per_model)
         advice = f"pass --seeds {fit} or fewer, or" if fit >= 2 else "its model is too big to ensemble:"
         raise UserError(
             f"--ensemble: {seeds} seeds of trial #{c.number} would make model.pt {problem}; "
@@ -282,7 +287,7 @@ def rerank(
         return candidates[0], None
     seeds = [config.run.seed + i for i in range(config.finalize.selection_seeds)]
     numbers = ", ".join(f"#{c.number}" for c in candidates)
-    say(f"re-ranking trials {numbers}: each retrained with seeds {', '.join(map(str, seeds))}")
+    say(f"re-ranking trials {numbers}: each retrained with seeds {seeds_list(seeds)}")
     jobs = [SeedJob(f"trial {c.number}", c.params, seed) for c in candidates for seed in seeds]
     accs = dict(zip(jobs, retrain(jobs, config, data, epochs, device, runs_dir, say)))
     ranked = [
@@ -293,7 +298,7 @@ def rerank(
     best = next(c for c in candidates if c.number == chosen.number)
     say(
         f"re-ranked: trial #{chosen.number} is finalized, retrained {percent(chosen.mean)} on average over seeds "
-        f"{', '.join(map(str, seeds))} against {percent(chosen.value)} in the search"
+        f"{seeds_list(seeds)} against {percent(chosen.value)} in the search"
     )
     return best, Selection(
         top_k=config.finalize.top_k,
@@ -380,21 +385,22 @@ def _logits(models: list[SeedModel]) -> list[SeedLogits]:
     return [m.logits for m in models]
 
 
-def best_single(models: list[SeedModel], flip: bool, data: FerData) -> SeedModel:
-    """The seed of best validation accuracy as it predicts, alone, flip averaged or not (ties: the lower seed)."""
-    return max(models, key=lambda m: (scored([m.logits], flip, data)[0].val_acc, -m.run.seed))
+def best_single(models: list[SeedModel], singles: Aggregate) -> SeedModel:
+    """The seed of best validation accuracy as it predicts alone, scored as in `singles` (ties: the lower seed)."""
+    return max(models, key=lambda m: (singles.per_seed[str(m.run.seed)].val_acc, -m.run.seed))
 
 
-def flip_choice(mode: str, ensemble: bool, models: list[SeedModel], data: FerData) -> FlipChoice:
+def flip_choice(mode: str, singles: dict[bool, Aggregate], ensembled: Ensemble | None) -> FlipChoice:
     """Whether the shipped model averages each face with its mirror image: as finalize.flip's `mode` says, or
-    under auto where it scores higher on validation, for what is shipped (the ensemble, or the seeds on average)."""
-    if ensemble:
-        decided_on = f"the ensemble of seeds {', '.join(str(m.run.seed) for m in models)}"
-        plain, flipped = (scored(_logits(models), flip, data)[0].val_acc for flip in (False, True))
+    under auto where it scores higher on validation, for what is shipped: the ensemble where `ensembled` is
+    given, else the seeds alone on average (`singles`, by whether they flip)."""
+    if ensembled is not None:
+        decided_on = f"the ensemble of seeds {seeds_list(ensembled.seeds)}"
+        plain, flipped = ensembled.plain.val_acc, ensembled.flipped.val_acc
     else:
-        decided_on = f"the mean of seeds {', '.join(str(m.run.seed) for m in models)}"
+        decided_on = f"the mean of seeds {seeds_list(singles[False].per_seed)}"
         plain, flipped = (
-            float(np.mean([scored([m.logits], flip, data)[0].val_acc for m in models])) for flip in (False, True)
+            float(np.mean([f.val_acc for f in singles[flip].per_seed.values()])) for flip in (False, True)
         )
     used = mode == "on" or (mode == "auto" and flipped > plain)
     return FlipChoice(mode=mode, used=used, decided_on=decided_on, val_acc=plain, val_acc_flipped=flipped)
@@ -525,6 +531,8 @@ def _evaluated_model(
     job: SeedJob, epochs: int, fingerprints: dict[str, str], runs_dir: Path, say: Say
 ) -> SeedModel | None:
     """A trained and evaluated seed from its two resume files; None where either is missing or unusable."""
+    if not evaluated_file(runs_dir, job, epochs, fingerprints, "")[0].is_file():  # its name holds no training id
+        return None  # not evaluated yet: its training is loaded once, by trained_doc
     trained = _load_doc(*trained_file(runs_dir, job, epochs, fingerprints), job, say, _trained_fields)
     if trained is None:
         return None

@@ -97,15 +97,12 @@ def compact_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def stored_bytes(params: TrialParams, members: int = 1) -> int:
-    """About how many bytes a model file of `members` models of `params` takes: their weights as compact_state
-    stores them (the pickle's own structure adds a few kilobytes)."""
+def stored_bytes(params: TrialParams) -> int:
+    """About how many bytes one model of `params` takes in a model file: its weights as compact_state stores
+    them (the pickle's own structure adds a few kilobytes)."""
     with torch.device("meta"):  # shapes and types only: nothing is allocated
         state = build_model(params).state_dict()
-    per_model = sum(
-        t.numel() * (2 if t.is_floating_point() and t.dim() >= 2 else t.element_size()) for t in state.values()
-    )
-    return members * per_model
+    return sum(t.numel() * (2 if t.is_floating_point() and t.dim() >= 2 else t.element_size()) for t in state.values())
 
 
 def save_model(

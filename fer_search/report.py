@@ -19,7 +19,6 @@ from fer_search.figures import (
     best_is_baseline,
     compared_baseline,
     curves_label,
-    is_ensemble,
     report_figures,
     run_label,
     seeds_list,
@@ -223,7 +222,7 @@ def _shipped_text(metrics: FinalMetrics) -> str:
     shipped, protocol = metrics.shipped, metrics.protocol
     what = (
         "the marked row"
-        if is_ensemble(shipped)
+        if shipped.ensemble
         else f"of the seeds of the marked row (whose figures are their mean), the one of best {protocol.val} accuracy"
     )
     return (
@@ -311,7 +310,7 @@ def _per_seed_html(metrics: FinalMetrics) -> str:
         "test_all accuracy",
     ]
     shipped = metrics.shipped
-    mark = " (in the shipped ensemble)" if is_ensemble(shipped) else " (shipped)"
+    mark = " (in the shipped ensemble)" if shipped.ensemble else " (shipped)"
     rows: list[list[Cell]] = []
     for kind, name, plain, flipped in retrained(metrics):
         for seed, r in plain.per_seed.items():

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fer_search.figures import best_is_baseline, best_name, is_ensemble, seeds_list, shipped_name, shown_runs
+from fer_search.figures import best_is_baseline, best_name, seeds_list, shipped_name, shown_runs
 from fer_search.metrics import ClassificationReport
 from fer_search.progress import percent
 from fer_search.results import Aggregate, Candidate, FinalMetrics, Scored, SeedRun, Selection, Splits
@@ -99,14 +99,14 @@ def chosen_on_val_text(metrics: FinalMetrics) -> str:
     chosen = ["each run's epoch", "the re-ranked trial" if metrics.selection is not None else "the trial"]
     if metrics.flip.mode == "auto":
         chosen.append("whether to flip")
-    if not is_ensemble(metrics.shipped):
+    if not metrics.shipped.ensemble:
         chosen.append("the shipped seed")
     return ", ".join(chosen[:-1]) + f" and {chosen[-1]}"
 
 
 def _kept_epochs_text(metrics: FinalMetrics, shipped: SeedRun) -> str:
     """The epochs whose weights model.pt holds: the shipped seed's, or each ensembled seed's."""
-    if not is_ensemble(metrics.shipped):
+    if not metrics.shipped.ensemble:
         return f"weights of epoch {shipped.best_epoch}"
     epochs = [metrics.best.per_seed[str(seed)].best_epoch for seed in metrics.shipped.seeds]
     return f"weights of epochs {seeds_list(epochs)}"
@@ -179,7 +179,7 @@ def summary_rows(metrics: FinalMetrics) -> list[SummaryRow]:
     rows = []
     for kind, name, plain, flipped in retrained(metrics):
         for agg, flip in ((plain, False), (flipped, True)):
-            mark = kind == "best" and not is_ensemble(shipped) and shipped.flip == flip
+            mark = kind == "best" and not shipped.ensemble and shipped.flip == flip
             rows.append(
                 SummaryRow(
                     f"{name}, single model{FLIPPED[flip]}",
@@ -190,7 +190,7 @@ def summary_rows(metrics: FinalMetrics) -> list[SummaryRow]:
         if kind == "best" and metrics.ensemble is not None:
             ensemble = metrics.ensemble
             for scored, flip in ((ensemble.plain, False), (ensemble.flipped, True)):
-                mark = is_ensemble(shipped) and shipped.flip == flip
+                mark = shipped.ensemble and shipped.flip == flip
                 rows.append(
                     SummaryRow(
                         f"{name}, ensemble of seeds {seeds_list(ensemble.seeds)}{FLIPPED[flip]}",

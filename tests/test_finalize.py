@@ -31,6 +31,7 @@ from fer_search.config import load_config
 from fer_search.data import CLASSES
 from fer_search.errors import Crashed, UserError
 from fer_search.finalize import SeedJob, evaluated_file, train_in_processes, trained_file
+from fer_search.metrics import ClassificationReport, classification_report
 from fer_search.model import BASELINE, TrialParams
 from fer_search.predict import load_model, model_from_state, predict_images
 from fer_search.progress import SeedEpoch
@@ -186,10 +187,8 @@ def test_predict_reproduces_the_shipped_private_test_accuracy(finalized: Path, t
     assert m.shipped.private_test == single.per_seed[str(seed)].private_test
 
 
-def predicted_report(truth: list[int], predicted: list[int]) -> Any:
+def predicted_report(truth: list[int], predicted: list[int]) -> ClassificationReport:
     """The classification report of `predicted`: the same confusion, not only as many right."""
-    from fer_search.metrics import classification_report
-
     return classification_report(np.array(truth), np.array(predicted), CLASSES)
 
 
@@ -318,17 +317,19 @@ def test_a_resume_file_that_does_not_fit_is_done_again(
 
 
 def test_no_baseline_top_k_1_and_out(finalized: Path, tmp_path: Path) -> None:
-    before = set(resume_dir(finalized).iterdir())
+    # A copy: this finalize attaches its model.pt and report.html to the study, which other tests read.
+    folder = Path(shutil.copytree(finalized, tmp_path / "study"))
+    before = set(resume_dir(folder).iterdir())
     args = ("--seeds", "1", "--no-baseline", "--top-k", "1", "--out", str(tmp_path / "out"), "--epochs", "1")
-    result = finalize(finalized, *args)
+    result = finalize(folder, *args)
     assert result.exit_code == 0, result.output
     m = metrics_of(tmp_path / "out")
     assert m.baseline is None and m.baseline_flipped is None and m.best.std is None and m.epochs == 1
     assert m.selection is None and m.ensemble is None  # the search's best, one seed
-    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{finalized}/studies/fer2013.db")
+    study = optuna.load_study(study_name="fer2013", storage=f"sqlite:///{folder}/studies/fer2013.db")
     assert m.best_trial.number == study.best_trial.number
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(FILES)
-    new = set(resume_dir(finalized).iterdir()) - before  # --out moves the outputs, not the resume files
+    new = set(resume_dir(folder).iterdir()) - before  # --out moves the outputs, not the resume files
     assert sorted(p.name.split("-", 1)[0] for p in new) == ["seed0", "seed0"]  # its training and evaluation
 
 

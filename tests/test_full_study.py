@@ -143,27 +143,8 @@ def test_a_fresh_machine_continues_the_study_from_dir(rehearsed: Path, tiny_fer:
     out = tmp_path / "out"
     shutil.copytree(rehearsed, out)  # what came back; the new working folder is empty, as on a new machine
     # The GPU run's layout: search workers and finalize's trainings in processes of their own.
-    result = full_study(
-        tiny_fer,
-        out,
-        tmp_path / "work",
-        "--budget-s",
-        "500",
-        "--trials",
-        "3",
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-        "--top-k",
-        "2",
-        "--selection-seeds",
-        "1",
-        "--workers",
-        "2",
-        "--jobs",
-        "2",
-    )
+    # The rehearsal's settings, one trial more; argparse takes an option's last value.
+    result = full_study(tiny_fer, out, tmp_path / "work", *REHEARSAL, "--trials", "3", "--workers", "2", "--jobs", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = summary_of(out)
     phases = summary["phases"]
