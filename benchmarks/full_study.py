@@ -11,7 +11,8 @@ writing into DIR as soon as it ends, so that a run cut short still returns what 
             augmentation, dropout) and augmentation statistics against torchvision; a failure
             stops the run with a one-line reason (exit 1)
   speed     benchmarks/throughput.py (one counted round) and one timed baseline training
-  study     `fer-search run` with --workers processes sharing the device; at its deadline it is
+  study     `fer-search run` with --workers processes sharing the device, each training --fuse
+            trials of one architecture at a time as one batched model; at its deadline it is
             interrupted like a Ctrl-C, which queues the running trials again with their checkpoints
   finalize  `fer-search finalize`: the --top-k trials re-ranked over --selection-seeds retrainings,
             then the chosen trial's seeds and the baseline's, --jobs trainings at a time; flip averaging
@@ -57,7 +58,8 @@ STARTED = time.monotonic()
 
 import torch  # noqa: E402 - after STARTED, on purpose
 import torch.nn.functional as F  # noqa: E402
-from throughput import cpu_model, subset, synchronize, throughput
+from machine import cpu_model, synchronize
+from throughput import subset, throughput
 from torchvision import transforms
 
 from fer_search.augment import augment_batch, normalize
@@ -127,6 +129,7 @@ class Plan:
     top_k: int
     selection_seeds: int
     workers: int
+    fuse: int
     jobs: int
     seed: int
     config: Path
@@ -241,6 +244,7 @@ def _parse_args() -> Plan:
     parser.add_argument("--top-k", type=int, default=3, help="trials finalize re-ranks (1: the search's best)")
     parser.add_argument("--selection-seeds", type=int, default=2, help="retrainings of each re-ranked trial")
     parser.add_argument("--workers", type=int, help="search processes sharing the device (default 4 on CUDA, 1 on CPU)")
+    parser.add_argument("--fuse", type=int, default=1, help="trials a worker trains as one batched model (default 1)")
     parser.add_argument("--jobs", type=int, help="finalize's trainings at once (default: all on CUDA, 1 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -253,7 +257,7 @@ def _parse_args() -> Plan:
     args = parser.parse_args()
     out = args.out.resolve()
     cuda = resolve_device(args.device).type == "cuda"
-    for name in ("trials", "epochs", "seeds", "top_k", "selection_seeds", "workers", "jobs"):
+    for name in ("trials", "epochs", "seeds", "top_k", "selection_seeds", "workers", "fuse", "jobs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.budget_s <= 0:
@@ -273,6 +277,7 @@ def _parse_args() -> Plan:
         top_k=args.top_k,
         selection_seeds=args.selection_seeds,
         workers=args.workers or (4 if cuda else 1),
+        fuse=args.fuse,
         # On CUDA every training of a phase at once: the re-ranking's top_k x selection_seeds, then the
         # final seeds of the chosen trial and of the baseline.
         jobs=args.jobs or (max(2 * args.seeds, args.top_k * args.selection_seeds) if cuda else 1),
@@ -375,6 +380,7 @@ def write_config(plan: Plan) -> Config:
             "epochs": plan.epochs,
             "device": plan.device,
             "workers": plan.workers,
+            "fuse": plan.fuse,
             "seed": plan.seed,
             "checkpoint_every_s": CHECKPOINT_EVERY_S,
         },
@@ -658,6 +664,7 @@ def study_figures(plan: Plan) -> dict[str, Any]:
     epochs_run = sum(t.user_attrs.get("epochs_run", 0) for t in finished)
     return {
         "workers": plan.workers,
+        "fuse": plan.fuse,
         "finished": len(finished),
         "trials": {
             state: sum(t.state.name == state for t in trials)

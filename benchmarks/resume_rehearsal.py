@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from fer_search.model import BASELINE, TrialParams, build_model
-from fer_search.train import Checkpoint, EpochRecord, _make_optimizer, _make_scheduler
+from fer_search.train import Checkpoint, EpochRecord, make_optimizer, make_scheduler
 
 EPOCHS = 30
 REPEATS = 7
@@ -27,8 +27,8 @@ def checkpoint_of(params: TrialParams) -> Checkpoint:
     """A checkpoint after one epoch of `params`, with optimizer state, as a trial writes it."""
     torch.manual_seed(0)
     model = build_model(params)
-    optimizer = _make_optimizer(model, params, cuda=False)
-    scheduler = _make_scheduler(optimizer, params, EPOCHS)
+    optimizer = make_optimizer(model, params, cuda=False)
+    scheduler = make_scheduler(optimizer, params, EPOCHS)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()

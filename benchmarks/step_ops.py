@@ -106,7 +106,7 @@ class Learner:
         torch.manual_seed(0)
         self.train = train
         self.model = build_model(BASELINE).to(memory_format=torch.channels_last)
-        self.optimizer = train._make_optimizer(self.model, BASELINE, fused)  # fused: as on CUDA
+        self.optimizer = train.make_optimizer(self.model, BASELINE, fused)  # fused: as on CUDA
         self.x = torch.randint(0, 256, (batches * BATCH, 1, 48, 48), dtype=torch.uint8)
         self.y = torch.randint(0, 7, (batches * BATCH,))
         self.generator = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, synchronize
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
@@ -230,20 +231,6 @@ def _reference_loader(root: Path, indices: torch.Tensor, device: torch.device) -
         persistent_workers=True,
         pin_memory=device.type == "cuda",
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_model() -> str:
-    """The first 'model name' of /proc/cpuinfo."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def _header(device: torch.device, images: int, repeats: int) -> dict[str, Any]:

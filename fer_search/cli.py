@@ -109,6 +109,7 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
 @click.option("--epochs", type=int, help="most epochs per trial (stored in the study)")
 @device_option
 @_env_option("--workers", type=int, help="worker processes on this machine")
+@click.option("--fuse", type=int, help="train this many trials of one architecture as one batched model (GPU)")
 @click.option("--seed", type=int, help="base random seed")
 @click.option("--timeout", type=float, help="stop taking trials after this many seconds")
 @click.option(
@@ -124,6 +125,7 @@ def run(
     epochs: int | None,
     device: str | None,
     workers: int | None,
+    fuse: int | None,
     seed: int | None,
     timeout: float | None,
     ignore_mismatch: bool | None,
@@ -146,6 +148,7 @@ def run(
             "run.epochs": epochs,
             "run.device": device,
             "run.workers": workers,
+            "run.fuse": fuse,
             "run.seed": seed,
             "run.timeout": timeout,
             "run.ignore_mismatch": ignore_mismatch,
@@ -157,7 +160,7 @@ def run(
             outcome = run_search(cfg, bars, command_line(click.get_current_context()))
     except KeyboardInterrupt as e:
         click.echo(
-            f"\n{_interrupted(e)}: the study is saved; the interrupted trial is queued again and resumes from its "
+            f"\n{_interrupted(e)}: the study is saved; each interrupted trial is queued again and resumes from its "
             f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
             err=True,
         )

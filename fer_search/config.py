@@ -144,6 +144,7 @@ class RunConfig:
     epochs: int = 30
     device: str = "auto"
     workers: int = 1
+    fuse: int = 1  # trials of one architecture a worker trains as one batched model (fuse.py)
     seed: int = 0
     timeout: float = 0.0  # seconds; 0 = no limit
     ignore_mismatch: bool = False
@@ -351,8 +352,8 @@ def _parse_space_value(key: str, value: Any, hint: Any, label: str) -> Any:
 # A table: a few keys a line reads better than one key a line.
 # fmt: off
 AT_LEAST: dict[str, float] = {
-    "run.trials": 1, "run.epochs": 1, "run.workers": 1, "run.heartbeat_interval": 1, "run.grace_period": 1,
-    "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
+    "run.trials": 1, "run.epochs": 1, "run.workers": 1, "run.fuse": 1, "run.heartbeat_interval": 1,
+    "run.grace_period": 1, "run.timeout": 0, "run.max_retry": 0, "run.checkpoint_every_s": 0, "run.ready_timeout_s": 0,
     "run.seed": 0, "data.split_seed": 0,
     "pruner.startup_trials": 0, "pruner.warmup_epochs": 0, "pruner.patience": 0, "pruner.min_epochs": 1,
     "pruner.reduction_factor": 2, "pruner.min_delta": 0, "finalize.seeds": 1, "finalize.epochs": 0, "finalize.jobs": 1,
@@ -370,13 +371,17 @@ MAX_SEED = 2**32 - 1
 # storage connections (storage.PG_POOL_SIZE + 1 overflow): 32 stay within PostgreSQL's default
 # max_connections (100), and already exceed the cores of most single machines.
 MAX_WORKERS = 32
+# A fused group holds a copy of the training images per member (66 MB for FER2013's) and its
+# members' weights, optimizer states and activations at once; 32 baseline members at batch 128
+# take about 6 GB of a GPU, and a group that large is past where fusing pays (BENCHMARKS.md).
+MAX_FUSE = 32
 
 # Numeric keys and their greatest allowed value, where a greater one would break something.
 # fmt: off
 AT_MOST: dict[str, float] = {
     "run.timeout": MAX_SECONDS, "run.heartbeat_interval": MAX_SECONDS, "run.grace_period": MAX_SECONDS,
     "run.checkpoint_every_s": MAX_SECONDS, "run.ready_timeout_s": MAX_SECONDS, "run.wait_poll_s": MAX_SECONDS,
-    "run.seed": MAX_SEED, "data.split_seed": MAX_SEED, "run.workers": MAX_WORKERS,
+    "run.seed": MAX_SEED, "data.split_seed": MAX_SEED, "run.workers": MAX_WORKERS, "run.fuse": MAX_FUSE,
 }
 # fmt: on
 

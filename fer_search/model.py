@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -108,34 +109,77 @@ def build_model(params: TrialParams, num_classes: int = 7) -> nn.Module:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose training mask, on the CPU, comes from 16 random bits an element.
+    """nn.Dropout whose training mask, on the CPU, comes from 16 random bits an element of the training's generator.
 
     Why by hand: torch's CPU dropout draws a float per element (bernoulli_), which took a fifth
     of the baseline's training step on 2 cores; drawing 64 bits at a time and comparing 16-bit
     slices with the rate makes the mask about five times cheaper (BENCHMARKS.md). The rate is
-    then exact to 1/65536, and kept values are scaled by 1/(1 - that rate). Same module name and
-    state, so the layer sequence and model files are unchanged; on CUDA and in eval mode it is
-    nn.Dropout.
+    then exact to 1/65536, and kept values are scaled by 1/(1 - that rate). The bits come from
+    `generator` (train.py gives each Dropout its training's generator; None: torch's global one),
+    so that a trial's masks follow its seed alone, and a fused training (fuse.py), which draws
+    each member's masks itself from the member's generator with `keep_scale` and hands them in
+    through the non-persistent buffer `keep`, trains every member on the masks it would draw
+    alone. Same module name and state, so the layer sequence and model files are unchanged; on
+    CUDA (unfused) and in eval mode it is nn.Dropout.
     """
 
+    keep: torch.Tensor | None
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.generator: torch.Generator | None = None
+        self.register_buffer("keep", None, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.keep is not None:
+            return x * self.keep
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return x * _keep_scale(x, self.p)
+        return x * keep_scale(x.shape, self.p, self.generator, x.dtype, x.device)
 
 
-def _keep_scale(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A tensor shaped like x: 0 where an element is dropped (probability ~p), 1/(1-p) where kept."""
-    dropped = round(p * 65536)  # int16 slices below -2^15 + dropped are dropped: probability dropped / 65536
-    if dropped == 65536:
-        return torch.zeros_like(x)
-    n = x.numel()
+def keep_scale(
+    shape: torch.Size, p: float, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A dropout mask: 0 where an element is dropped (probability ~p), 1/(1-p) where kept, drawn from `generator`."""
+    threshold, scale = keep_rule(p)
+    n = math.prod(shape)
     # random_ over int64's full range gives 64 uniform bits; each int16 slice is uniform on [-2^15, 2^15).
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:n]
-    # Laid out as x where x is dense (channels_last included), so that x * mask runs at memory speed.
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    keep = (bits.as_strided(x.shape, x.stride()) if dense else bits.view(x.shape)) >= dropped - 32768
-    return keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+    bits = torch.empty(mask_words(n), dtype=torch.int64, device=device)
+    bits = bits.random_(-(2**63), None, generator=generator).view(torch.int16)[:n]
+    return (laid_out(bits, shape) >= threshold).to(dtype).mul_(scale)
+
+
+def mask_words(n: int) -> int:
+    """The 64-bit words a mask of n elements draws: 16 bits an element."""
+    return (n + 3) // 4
+
+
+def keep_rule(p: float) -> tuple[int, float]:
+    """(threshold, scale): an element whose 16 random bits, as an int16, are >= threshold is kept and scaled."""
+    dropped = round(p * 65536)  # int16 values below -2^15 + dropped are dropped: probability dropped / 65536
+    return dropped - 32768, 0.0 if dropped == 65536 else 65536 / (65536 - dropped)
+
+
+def laid_out(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A mask's bits (its last dimension) as an activation of `shape`, images in (N, H, W, C) order.
+
+    Channels_last, as the model's images are, so that x * mask runs at memory speed. An element's
+    bits depend on its place in that order, never on x's memory layout, so a member of a fused
+    training (fuse.py), whose layout vmap decides, draws the masks it draws alone.
+    """
+    lead = bits.shape[:-1]
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return bits.view(*lead, n, h, w, c).movedim(-1, -3)
+    return bits.view(*lead, *shape)
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Make every Dropout of `model` draw its masks from `generator` (the training's, seeded with the trial)."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.generator = generator
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ from fer_search.progress import Progress, ProgressFn, accuracy_text, cpu_estimat
 from fer_search.space import suggest_params
 from fer_search.status import best_value, count_trials, retried_from
 from fer_search.storage import open_artifact_store
-from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainSettings, train_model
+from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, train_model
 
 log = logging.getLogger("fer_search")
 # User attribute: the number of the trial whose objective started (set first thing in it).
@@ -51,19 +51,30 @@ class Objective:
         self.worker = worker
         self.progress = progress
         self.store = open_artifact_store(config.study.artifacts)
-        self.current: int | None = None  # the running trial's number, for Ctrl-C
+        self.current: list[int] = []  # the running trials' numbers (several when fused), for Ctrl-C
         self.estimated = worker != 0  # worker 0 alone says what the first epoch on a CPU tells of the study's length
         self.failed_elsewhere = False  # the storage refused an update: another worker failed the trial
 
     def __call__(self, trial: optuna.Trial) -> float:
-        self.current, self.failed_elsewhere = trial.number, False
+        self.current, self.failed_elsewhere = [trial.number], False
         try:
-            return self._train(trial)
+            run = self.start(trial)
+            try:
+                outcome: TrainResult | Exception = train_model(
+                    run.params, self.data, run.settings, on_epoch=run.on_epoch, resume=run.resume
+                )
+            except Exception as e:
+                outcome = e
+            except BaseException:  # an interrupt: the trial is queued again with what it did so far
+                run.record_attrs()
+                raise
+            return run.end(outcome)
         except optuna.exceptions.UpdateFinishedTrialError:
             self.failed_elsewhere = True
             raise
 
-    def _train(self, trial: optuna.Trial) -> float:
+    def start(self, trial: optuna.Trial) -> TrialRun:
+        """Take `trial` on: its parameters, seed and attributes, the checkpoint it resumes from, its first log line."""
         # First of all: retries copy user attributes, so a RUNNING trial whose STARTED is not its
         # own number never got here (its worker died between ask and objective; see OrphanWatch).
         trial.set_user_attr(STARTED, trial.number)
@@ -78,30 +89,8 @@ class Objective:
         self._tell_start(trial, params, done)
         for r in resume.history if resume is not None else ():  # its curve is the one it trained, resumed or not
             trial.report(r.val_acc, r.epoch)
-        state = _TrialState(trial, self, params, time.monotonic(), inherited)
         settings = TrainSettings(epochs=self.config.run.epochs, seed=seed, device=self.device)
-        try:
-            result = train_model(params, self.data, settings, on_epoch=state.on_epoch, resume=resume)
-        except DivergedError as e:
-            trial.set_user_attr(FAIL_REASON, f"diverged: {e}")
-            state.drop_checkpoint()
-            raise optuna.TrialPruned(str(e)) from None
-        except optuna.TrialPruned:
-            state.drop_checkpoint()
-            raise
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            trial.set_user_attr(FAIL_REASON, f"out of memory: {first_line(e)}")
-            state.drop_checkpoint()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # give the memory back to the trials sharing this GPU
-            raise OutOfMemory(first_line(e)) from None
-        finally:
-            state.record_attrs()
-        state.drop_checkpoint()
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        return result.best_val_acc
+        return TrialRun(trial, self, params, settings, resume, inherited)
 
     def _tell_start(self, trial: optuna.Trial, params: TrialParams, epochs_done: int) -> None:
         """The trial's first log line, and its bar's start on a terminal."""
@@ -172,17 +161,24 @@ def inherited_checkpoints(trial: optuna.Trial) -> list[str]:
     return [a for a in dict.fromkeys(t.user_attrs.get("checkpoint") for t in chain) if a is not None]
 
 
-class _TrialState:
-    """Per-trial bookkeeping behind the epoch callback."""
+class TrialRun:
+    """One trial being trained: what it trains, and the bookkeeping behind its epoch callback and its end."""
 
     def __init__(
-        self, trial: optuna.Trial, objective: Objective, params: TrialParams, started: float, inherited: list[str]
+        self,
+        trial: optuna.Trial,
+        objective: Objective,
+        params: TrialParams,
+        settings: TrainSettings,
+        resume: Checkpoint | None,
+        inherited: list[str],
     ) -> None:
-        self.trial, self.objective, self.params, self.started = trial, objective, params, started
+        self.trial, self.objective, self.params, self.settings, self.resume = trial, objective, params, settings, resume
+        self.started = time.monotonic()
         self.inherited = inherited  # checkpoints of the trials this one continues
         self.records: list[EpochRecord] = []
         self.artifact_id: str | None = None
-        self.last_checkpoint = started
+        self.last_checkpoint = self.started
         self.best_before = best_value(trial.study)
 
     def on_epoch(self, record: EpochRecord, checkpoint: Callable[[], Checkpoint]) -> None:
@@ -250,6 +246,33 @@ class _TrialState:
         self.last_checkpoint = time.monotonic()
         self._remove(self.inherited)  # older than this trial's own, which a requeue or retry now finds
         self.inherited = []
+
+    def end(self, outcome: TrainResult | Exception) -> float:
+        """The trial's value, or raises what Optuna should record: TrialPruned (a divergence too), OutOfMemory, or
+        the error itself. Its checkpoints go unless it may be resumed; its attributes are recorded either way."""
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            self.drop_checkpoint()
+            self.trial.set_user_attr("best_epoch", outcome.best_epoch)
+            return outcome.best_val_acc
+        except DivergedError as e:
+            self.trial.set_user_attr(FAIL_REASON, f"diverged: {e}")
+            self.drop_checkpoint()
+            raise optuna.TrialPruned(str(e)) from None
+        except optuna.TrialPruned:
+            self.drop_checkpoint()
+            raise
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            self.trial.set_user_attr(FAIL_REASON, f"out of memory: {first_line(e)}")
+            self.drop_checkpoint()
+            if self.settings.device.type == "cuda":
+                torch.cuda.empty_cache()  # give the memory back to the trials sharing this GPU
+            raise OutOfMemory(first_line(e)) from None
+        finally:
+            self.record_attrs()
 
     def drop_checkpoint(self) -> None:
         """Remove the checkpoints of a trial that ended for good (finished, pruned, out of memory):

@@ -141,6 +141,7 @@ class SearchBars:
         self.file = file
         self.study: tqdm | None = None
         self.workers: dict[int, tqdm] = {}
+        self.trials: dict[int, list[int]] = {}  # by worker: the trials its bar shows
 
     def __call__(self, event: Progress | StudyCount | str) -> None:
         if isinstance(event, str):
@@ -164,14 +165,20 @@ class SearchBars:
             bar = self.workers[event.worker] = bar_of(
                 self.file, 1 + event.worker, f"w{event.worker}", event.epochs, "epochs"
             )
+        trials = self.trials.setdefault(event.worker, [])  # several at once when fused (run --fuse)
         if event.state == "STARTED":
-            bar.reset(total=event.epochs)
-            bar.initial = bar.n = event.epoch  # a resumed trial's earlier epochs tell nothing of its pace
-            bar.set_description(f"w{event.worker} trial {event.trial}", refresh=False)
+            if not trials:
+                bar.reset(total=event.epochs)
+                bar.initial = bar.n = event.epoch  # a resumed trial's earlier epochs tell nothing of its pace
+            trials.append(event.trial)
             bar.set_postfix_str(f"best {accuracy_text(event.best)}")
         elif event.state == "RUNNING":
             bar.n = event.epoch
             bar.set_postfix_str(f"val {accuracy_text(event.val_acc)} best {accuracy_text(event.best)}")
+        elif event.trial in trials:
+            trials.remove(event.trial)
+        if trials:
+            bar.set_description(f"w{event.worker} trial{'s' if len(trials) > 1 else ''} {','.join(map(str, trials))}")
         else:
             bar.set_description(f"w{event.worker} waiting for a trial")
 

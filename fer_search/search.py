@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 import torch
 from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.config import Config
 from fer_search.data import load_configured
 from fer_search.errors import Crashed, UserError, first_line, log_level, logging_to
-from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory
+from fer_search.fuse import SHARED_FIELDS, Member, fuse_key, train_fused
+from fer_search.model import TrialParams
+from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory, TrialRun, is_out_of_memory
 from fer_search.processes import (
     ChildError,
     ended_interrupted,
@@ -32,7 +37,7 @@ from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text,
 from fer_search.status import best_trial, count_trials, full_params, study_status, trial_seconds
 from fer_search.storage import Heartbeat, disk_full_error, opened_storage
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
-from fer_search.train import configure_cpu_threads, resolve_device
+from fer_search.train import TrainResult, configure_cpu_threads, resolve_device
 
 log = logging.getLogger("fer_search")
 
@@ -108,6 +113,11 @@ def _take_trials(
             if not counts.waiting and (counts.finished + counts.running >= run.trials or retry_pending):
                 time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
                 continue
+            if run.fuse > 1:
+                # Room left in --trials, or the queued trials (a fused group's requeued members fuse again).
+                size = min(run.fuse, max(1, run.trials - counts.finished - counts.running, counts.waiting))
+                _take_fused(study, objective, size, progress)
+                continue
             try:
                 study.optimize(_stopping_past_optuna(objective), n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
             except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
@@ -116,22 +126,23 @@ def _take_trials(
                 # grace period. That worker queued a retry, which resumes from the checkpoint.
                 if not (objective.failed_elsewhere or isinstance(e, optuna.exceptions.UpdateFinishedTrialError)):
                     raise
-                log.warning("trial %s was failed as stale by another worker; its retry takes over", objective.current)
-            number, objective.current = objective.current, None  # ended: Ctrl-C must not requeue it
-            if number is not None:
+                for number in objective.current:
+                    log.warning("trial %d was failed as stale by another worker; its retry takes over", number)
+            ended, objective.current = objective.current, []  # ended: Ctrl-C must not requeue it
+            for number in ended:
                 _tell_end(study, objective, trial_numbered(study, number), progress)
     except (KeyboardInterrupt, _Stopped) as e:
         cause = e.cause if isinstance(e, _Stopped) else e
         with signals_held():  # a second Ctrl-C or SIGTERM must not cut the saving short
-            queued = requeue_interrupted(study, objective.current)
+            queued = [requeue_interrupted(study, number) for number in objective.current]
         if isinstance(cause, KeyboardInterrupt):
             raise cause from None
-        raise UserError(_full_disk_message(cause, objective.current, queued, run.grace_period)) from None
+        raise UserError(_full_disk_message(cause, objective.current, all(queued), run.grace_period)) from None
     except Exception as e:
         full = disk_full_error(e)
         if full is None:
             raise
-        raise UserError(_full_disk_message(full, None, False, run.grace_period)) from None
+        raise UserError(_full_disk_message(full, [], False, run.grace_period)) from None
 
 
 class _Stopped(BaseException):
@@ -166,15 +177,129 @@ def _stopping_past_optuna(objective: Objective) -> Callable[[optuna.Trial], floa
     return run
 
 
-def _full_disk_message(full: BaseException, number: int | None, queued: bool, grace_period: int) -> str:
+def _full_disk_message(full: BaseException, numbers: list[int], queued: bool, grace_period: int) -> str:
     then = "free some space, then run the same command again"
-    if number is not None:
+    if numbers:
+        trials = f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
         then += (
-            f": it resumes trial {number}, queued again"
+            f": it resumes {trials}, queued again"
             if queued
-            else f": it retries trial {number} once the trial's heartbeat is {grace_period} s old"
+            else f": it retries {trials} once the trial's heartbeat is {grace_period} s old"
         )
     return f"cannot write ({first_line(full)}): is the disk full? {then}"
+
+
+def _take_fused(study: optuna.Study, objective: Objective, size: int, progress: ProgressFn | None) -> None:
+    """Take up to `size` trials that share the first one's architecture (fuse.SHARED_FIELDS) and train them as one
+    batched model, each reported, pruned, checkpointed and told on its own; tell each as it ends."""
+    beats: dict[int, Any] = {}  # trial number -> its heartbeat thread, which Optuna's optimize would run
+    runs: list[TrialRun] = []
+    try:
+        for _ in range(size):
+            with _sampling_like(study, runs[0].params if runs else None):
+                trial = study.ask()
+                objective.current.append(trial.number)
+                beats[trial.number] = get_heartbeat_thread(trial._trial_id, study._storage)
+                beats[trial.number].__enter__()
+                runs.append(objective.start(trial))
+        groups: dict[tuple[Any, ...], list[TrialRun]] = {}
+        for r in runs:  # a queued trial (a retry, a requeue) taken on the way may have another architecture
+            groups.setdefault(fuse_key(r.params), []).append(r)
+        for group in groups.values():
+            _train_group(study, objective, group, beats, progress)
+    except BaseException as e:
+        for r in runs:
+            if r.trial.number in objective.current:
+                with contextlib.suppress(Exception):  # the storage may be what failed: the trial is saved anyway
+                    r.record_attrs()
+        full = disk_full_error(e) if isinstance(e, Exception) else None
+        if full is not None:
+            raise _Stopped(full) from None  # as _stopping_past_optuna: the trials are queued again
+        raise
+    finally:
+        for beat in beats.values():
+            beat.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _sampling_like(study: optuna.Study, lead: TrialParams | None) -> Iterator[None]:
+    """Within: the study's sampler fixes `lead`'s shared fields (fuse.SHARED_FIELDS), where given.
+
+    Around both ask and the suggestions: Optuna's sampler draws a trial's parameters as they are suggested.
+    """
+    sampler = study.sampler
+    if lead is not None:
+        fixed = {name: getattr(lead, name) for name in SHARED_FIELDS}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+    try:
+        with warnings.catch_warnings():
+            # Optuna warns that ask, unlike optimize, runs no heartbeat: _take_fused runs each trial's.
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            yield
+    finally:
+        study.sampler = sampler
+
+
+def _train_group(
+    study: optuna.Study,
+    objective: Objective,
+    group: list[TrialRun],
+    beats: dict[int, Any],
+    progress: ProgressFn | None,
+) -> None:
+    """Train one fused group, telling each member's trial as it ends."""
+    members = [Member(r.params, r.settings.seed, r.on_epoch, r.resume) for r in group]
+    ended: set[int] = set()
+    try:
+        for index, outcome in train_fused(members, objective.data, objective.config.run.epochs, objective.device):
+            _tell_member(study, objective, group[index], outcome, beats, progress)
+            ended.add(index)
+    except RuntimeError as e:  # the shared step ran out of memory: every member left fails, as a trial alone would
+        if not is_out_of_memory(e):
+            raise
+        for index in sorted(set(range(len(group))) - ended):
+            _tell_member(study, objective, group[index], e, beats, progress)
+
+
+def _tell_member(
+    study: optuna.Study,
+    objective: Objective,
+    run: TrialRun,
+    outcome: TrainResult | Exception,
+    beats: dict[int, Any],
+    progress: ProgressFn | None,
+) -> None:
+    """What study.optimize does once a trial's objective returns: tell the trial, then say how it ended."""
+    number = run.trial.number
+    beats.pop(number).__exit__(None, None, None)
+    value: float | None = None
+    state: TrialState | None = TrialState.COMPLETE
+    try:
+        value = run.end(outcome)
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except OutOfMemory:
+        state = TrialState.FAIL
+    except optuna.exceptions.UpdateFinishedTrialError:
+        state = None
+    except Exception as e:
+        full = disk_full_error(e)
+        if full is not None:
+            raise _Stopped(full) from None
+        objective.current.remove(number)
+        study.tell(run.trial, state=TrialState.FAIL)  # a bug: failed, and the worker ends with its traceback
+        raise
+    try:
+        if state is not None:
+            study.tell(run.trial, value, state=state)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        state = None
+    if state is None:
+        log.warning("trial %d was failed as stale by another worker; its retry takes over", number)
+    objective.current.remove(number)
+    _tell_end(study, objective, trial_numbered(study, number), progress)
 
 
 def trial_numbered(study: optuna.Study, number: int) -> FrozenTrial:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import io
 import math
 import os
@@ -21,7 +20,7 @@ from torch import nn
 from fer_search.augment import apply_plan, normalize, plan_augmentation
 from fer_search.data import FerData
 from fer_search.errors import UserError
-from fer_search.model import TrialParams, build_model
+from fer_search.model import TrialParams, build_model, set_dropout_generator
 
 EVAL_BATCH = 2048  # validation in a few large batches: one launch sequence, few syncs
 
@@ -79,7 +78,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     generator: torch.Tensor
-    rng: torch.Tensor  # torch's global generator: dropout draws from it
+    rng: torch.Tensor  # torch's global generator: unfused dropout on CUDA draws from it
     cuda_rng: torch.Tensor | None
     history: tuple[EpochRecord, ...]
     best_epoch: int
@@ -159,8 +158,8 @@ def _rehearse_resume(ckpt: Checkpoint, device: torch.device) -> None:
         raise ValueError(f"checkpoint's history (epochs {epochs}) and best_epoch {ckpt.best_epoch} are no training's")
     with torch.random.fork_rng(devices=[]):  # the initial weights draw from torch's global generator
         model = build_model(ckpt.params)
-    optimizer = _make_optimizer(model, ckpt.params, cuda=False)
-    scheduler = _make_scheduler(optimizer, ckpt.params, ckpt.epochs)
+    optimizer = make_optimizer(model, ckpt.params, cuda=False)
+    scheduler = make_scheduler(optimizer, ckpt.params, ckpt.epochs)
     # Copies: an optimizer loads tensors already on the right device and dtype as they are, and the step
     # below would then change, in place, the state the real resume loads next.
     ckpt = dataclasses.replace(ckpt, optimizer=copy.deepcopy(ckpt.optimizer), scheduler=copy.deepcopy(ckpt.scheduler))
@@ -221,101 +220,102 @@ def train_model(
     resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train `params` on data.train, validating on data.val every epoch; from `resume`'s next epoch if given."""
-    device = settings.device
-    cuda = device.type == "cuda"
-    torch.manual_seed(settings.seed)
-    # channels_last on the CPU too: the model alone steps 10-20% faster in it here (max-pooling
-    # is slow in the default layout); see BENCHMARKS.md.
-    model = build_model(params).to(device).to(memory_format=torch.channels_last)
-    optimizer = _make_optimizer(model, params, cuda)
-    scheduler = _make_scheduler(optimizer, params, settings.epochs)
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
-    x_val, y_val = data.val.x.to(device), data.val.y.to(device)
-
-    history: list[EpochRecord] = []
-    best_epoch, best_acc, best_state = 0, -1.0, {}
-    if resume is not None:
-        _restore(resume, model, optimizer, scheduler, generator)
-        torch.set_rng_state(resume.rng)
-        if cuda and resume.cuda_rng is not None:
-            torch.cuda.set_rng_state(resume.cuda_rng, device)
-        history = list(resume.history)
-        best_epoch, best_acc, best_state = resume.best_epoch, resume.best_val_acc, resume.best_state
-
-    for epoch in range(len(history) + 1, settings.epochs + 1):
+    training = Training(params, settings, resume)
+    cuda = settings.device.type == "cuda"
+    x_train, y_train = data.train.x.to(settings.device), data.train.y.to(settings.device)
+    x_val, y_val = data.val.x.to(settings.device), data.val.y.to(settings.device)
+    while not training.done:
         start = time.perf_counter()
-        train_loss, train_acc = _train_one_epoch(model, optimizer, x_train, y_train, params.batch_size, generator, cuda)
-        train_seconds = time.perf_counter() - start
+        loss, acc = _train_one_epoch(
+            training.model, training.optimizer, x_train, y_train, params.batch_size, training.generator, cuda
+        )
+        record = training.end_epoch(loss, acc, start, time.perf_counter() - start, len(x_train), x_val, y_val)
+        if on_epoch is not None:
+            on_epoch(record, training.checkpoint)
+    return training.result()
+
+
+class Training:
+    """One training's state between epochs: model, optimizer, scheduler, generator, history and best weights.
+
+    train_model steps one; fuse.py steps several as one batched model, each exactly as here.
+    """
+
+    def __init__(self, params: TrialParams, settings: TrainSettings, resume: Checkpoint | None = None) -> None:
+        device = settings.device
+        cuda = device.type == "cuda"
+        self.params, self.settings = params, settings
+        torch.manual_seed(settings.seed)  # the initial weights
+        # channels_last on the CPU too: the model alone steps 10-20% faster in it here (max-pooling
+        # is slow in the default layout); see BENCHMARKS.md.
+        self.model = build_model(params).to(device).to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.model, params, cuda)
+        self.scheduler = make_scheduler(self.optimizer, params, settings.epochs)
+        # Shuffles, augments and (on the CPU, or fused) drops out: a trial's randomness after its weights.
+        self.generator = torch.Generator(device=device).manual_seed(settings.seed)
+        set_dropout_generator(self.model, self.generator)
+        self.history: list[EpochRecord] = []
+        self.best_epoch, self.best_acc, self.best_state = 0, -1.0, {}
+        if resume is not None:
+            _restore(resume, self.model, self.optimizer, self.scheduler, self.generator)
+            torch.set_rng_state(resume.rng)
+            if cuda and resume.cuda_rng is not None:
+                torch.cuda.set_rng_state(resume.cuda_rng, device)
+            self.history = list(resume.history)
+            self.best_epoch, self.best_acc, self.best_state = resume.best_epoch, resume.best_val_acc, resume.best_state
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.settings.epochs
+
+    def end_epoch(
+        self,
+        train_loss: float,
+        train_acc: float,
+        start: float,
+        train_seconds: float,
+        images: int,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+    ) -> EpochRecord:
+        """Validate, step the scheduler, keep the best weights: the record of the epoch just trained."""
+        epoch = len(self.history) + 1
         if not math.isfinite(train_loss):
             raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
-        val_loss, val_acc = evaluate(model, x_val, y_val, autocast=cuda)
-        lr = optimizer.param_groups[0]["lr"]
-        _step_scheduler(scheduler, val_loss)
-        record = EpochRecord(
-            epoch,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_acc,
-            lr,
-            time.perf_counter() - start,
-            len(x_train) / train_seconds,
+        val_loss, val_acc = evaluate(self.model, x_val, y_val, autocast=self.settings.device.type == "cuda")
+        lr = self.optimizer.param_groups[0]["lr"]
+        _step_scheduler(self.scheduler, val_loss)
+        seconds = time.perf_counter() - start
+        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds, images / train_seconds)
+        self.history.append(record)
+        if val_acc > self.best_acc:
+            self.best_epoch, self.best_acc = epoch, val_acc
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return record
+
+    def checkpoint(self) -> Checkpoint:
+        """The training state as it is now (the optimizer's and scheduler's live tensors: save it at once)."""
+        device = self.settings.device
+        return Checkpoint(
+            params=self.params,
+            epochs=self.settings.epochs,
+            device_type=device.type,
+            # Copies: a fused member's weights are views of its group's stacked tensors, which torch.save
+            # would write whole.
+            model={k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            generator=self.generator.get_state(),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            history=tuple(self.history),
+            best_epoch=self.best_epoch,
+            best_val_acc=self.best_acc,
+            best_state=self.best_state,
         )
-        history.append(record)
-        if val_acc > best_acc:
-            best_epoch, best_acc = epoch, val_acc
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if on_epoch is not None:
-            # partial binds this epoch's values now; the state dicts are taken only if the callback asks.
-            on_epoch(
-                record,
-                functools.partial(
-                    _checkpoint,
-                    params,
-                    settings,
-                    model,
-                    optimizer,
-                    scheduler,
-                    generator,
-                    tuple(history),
-                    best_epoch,
-                    best_acc,
-                    best_state,
-                ),
-            )
-    return TrainResult(history, best_epoch, best_acc, best_state, model)
 
-
-def _checkpoint(
-    params: TrialParams,
-    settings: TrainSettings,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    generator: torch.Generator,
-    history: tuple[EpochRecord, ...],
-    best_epoch: int,
-    best_acc: float,
-    best_state: dict[str, torch.Tensor],
-) -> Checkpoint:
-    """The training state as it is now; it holds the live tensors, so save it at once."""
-    device = settings.device
-    return Checkpoint(
-        params=params,
-        epochs=settings.epochs,
-        device_type=device.type,
-        model=model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
-        generator=generator.get_state(),
-        rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_acc=best_acc,
-        best_state=best_state,
-    )
+    def result(self) -> TrainResult:
+        return TrainResult(self.history, self.best_epoch, self.best_acc, self.best_state, self.model)
 
 
 def _restore(
@@ -336,13 +336,13 @@ def _step_scheduler(scheduler: Any, val_loss: float) -> None:
         scheduler.step()
 
 
-def _make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, params: TrialParams, cuda: bool) -> torch.optim.Optimizer:
     # Adam's weight_decay is L2 on every parameter (as the documented model trained); AdamW decouples it.
     cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
     return cls(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=cuda or None)
 
 
-def _make_scheduler(optimizer: torch.optim.Optimizer, params: TrialParams, epochs: int) -> Any:
+def make_scheduler(optimizer: torch.optim.Optimizer, params: TrialParams, epochs: int) -> Any:
     if params.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)

@@ -75,6 +75,7 @@ def test_unknown_study_exits_2(config: Path) -> None:
         (["--trials", "2", "--data", "/no/such/folder"], "/no/such/folder"),
         (["--trials", "2", "--config", "/no/such.toml"], "/no/such.toml"),
         (["--trials", "2", "--workers", "0"], "run.workers"),
+        (["--trials", "2", "--fuse", "0"], "run.fuse"),
     ],
 )
 def test_bad_run_input_exits_2(config: Path, args: list[str], named: str) -> None:

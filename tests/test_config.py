@@ -142,6 +142,8 @@ STUDY_NAME_RULE = (
         ({"data.split_seed": -1}, "data.split_seed", "= -1: must be >= 0"),
         ("[run]\nworkers = 33\n", "run.workers", "= 33: must be <= 32"),
         ({"run.workers": 1000}, "run.workers", "= 1000: must be <= 32"),
+        ("[run]\nfuse = 33\n", "run.fuse", "= 33: must be <= 32"),
+        ({"run.fuse": 0}, "run.fuse", "= 0: must be >= 1"),
         # A study name is a safe file name.
         ('[study]\nname = "../x"\n', "study.name", f"= '../x': {STUDY_NAME_RULE}"),
         ({"study.name": "../x"}, "study.name", f"= '../x': {STUDY_NAME_RULE}"),

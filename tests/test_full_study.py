@@ -100,6 +100,7 @@ def test_summary_holds_every_phase_and_its_figures(rehearsed: Path) -> None:
     assert study["finished"] == 2 and study["trials"]["COMPLETE"] + study["trials"]["PRUNED"] == 2
     assert study["baseline"]["number"] == 0 and study["trials_per_hour"] > 0
     assert 0 <= study["share_of_epochs_pruned"] < 1
+    assert (study["workers"], study["fuse"]) == (1, 1)
     final = phases["finalize"]
     assert final["seeds"] == [0] and final["predict"]["reproduces"]
     assert (final["top_k"], final["selection_seeds"]) == (2, 1)
@@ -192,6 +193,7 @@ def test_a_study_its_timeout_stopped_short_is_cut_not_done(tmp_path: Path, monke
         top_k=1,
         selection_seeds=1,
         workers=1,
+        fuse=1,
         jobs=1,
         seed=0,
         config=tmp_path / "search.toml",
@@ -201,6 +203,20 @@ def test_a_study_its_timeout_stopped_short_is_cut_not_done(tmp_path: Path, monke
     monkeypatch.setattr(full_study, "study_figures", lambda _plan: {"finished": 12})
     with pytest.raises(full_study.PhaseCut, match="12 of 50 trials"):
         full_study.study_phase(plan, full_study.Run(plan, "test"), deadline=0.0)
+
+
+def test_fuse_reaches_the_services_configuration(
+    tiny_fer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `run` reads --workers and --fuse from the search.toml the script writes into --work.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import full_study
+
+    args = ["--device", "cpu", "--data", str(tiny_fer), "--out", str(tmp_path / "out"), "--work", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args, "--fuse", "2"])
+    plan = full_study._parse_args()
+    assert plan.fuse == 2
+    assert full_study.write_config(plan).run.fuse == 2
 
 
 def test_bad_input_is_one_line_and_exit_2(tiny_fer: Path, tmp_path: Path) -> None:

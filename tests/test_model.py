@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from fer_search.config import MAX_CONVS_PER_BLOCK, MAX_LINEAR_DEPTH, MAX_WIDTH, MIN_WIDTH
-from fer_search.model import BASELINE, HEAD_WIDTHS, Dropout, TrialParams, build_model, check_params, count_parameters
+from fer_search.model import (
+    BASELINE,
+    HEAD_WIDTHS,
+    Dropout,
+    TrialParams,
+    build_model,
+    check_params,
+    count_parameters,
+    keep_scale,
+)
 
 BLOCK = "Conv2d BatchNorm2d ReLU MaxPool2d"
 HIDDEN = "Linear BatchNorm1d ReLU"
@@ -118,6 +127,29 @@ def test_cpu_dropout_gradient_is_its_mask_and_it_is_seeded() -> None:
     assert x.grad is not None and torch.equal(x.grad, (y != 0).float() * 2.0)
     torch.manual_seed(1)
     assert torch.equal(drop(x), y)  # the same seed draws the same mask
+
+
+def test_cpu_dropout_draws_from_its_generator_the_same_mask_in_any_layout() -> None:
+    """Whatever vmap makes of a fused member's layout, the member draws the mask it draws alone (fuse.py)."""
+    drop = Dropout(0.5).train()
+    drop.generator = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 16, 6, 6).add_(0.5)
+    before = torch.get_rng_state()
+    plain = drop(x)
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
+    drop.generator.manual_seed(3)
+    assert torch.equal(drop(x.contiguous(memory_format=torch.channels_last)), plain)
+    drop.generator.manual_seed(3)
+    mask = keep_scale(x.shape, 0.5, drop.generator, torch.float32, x.device)
+    assert torch.equal(x * mask, plain)
+
+
+def test_a_dropout_given_its_mask_uses_it_and_keeps_it_out_of_the_state() -> None:
+    drop = Dropout(0.5).train()
+    keep = torch.tensor([[0.0, 2.0, 2.0]])
+    drop.keep = keep
+    assert torch.equal(drop(torch.ones(1, 3)), keep)
+    assert "keep" not in drop.state_dict()  # model files and checkpoints are unchanged
 
 
 def test_dropout_is_the_identity_in_eval_mode() -> None:

@@ -128,3 +128,18 @@ def test_a_later_phase_adds_its_epochs_to_those_done(bar: bool, caplog: pytest.L
     shown.close()
     shown_text = screen.getvalue() if bar else "\n".join(r.getMessage() for r in caplog.records)
     assert "3/5 epochs" in shown_text and "2/2 epochs" in shown_text
+
+
+def test_a_workers_bar_names_its_fused_trials_until_the_last_ends() -> None:
+    screen = io.StringIO()
+    bars = SearchBars(screen)
+    for trial in (6, 7, 8):
+        bars(Progress(worker=0, trial=trial, epoch=0, epochs=30, val_acc=float("nan"), best=0.5, state="STARTED"))
+    assert "w0 trials 6,7,8" in screen.getvalue()
+    bars(Progress(worker=0, trial=7, epoch=3, epochs=30, val_acc=0.3, best=0.5, state="PRUNED"))
+    assert "w0 trials 6,8" in screen.getvalue()
+    bars(Progress(worker=0, trial=6, epoch=30, epochs=30, val_acc=0.6, best=0.6, state="COMPLETE"))
+    assert "w0 trial 8" in screen.getvalue() and "waiting" not in screen.getvalue()
+    bars(Progress(worker=0, trial=8, epoch=30, epochs=30, val_acc=0.55, best=0.6, state="COMPLETE"))
+    assert "w0 waiting for a trial" in screen.getvalue()
+    bars.close()

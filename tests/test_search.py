@@ -34,6 +34,7 @@ from searching import (
 
 from fer_search import search
 from fer_search.cli import main
+from fer_search.fuse import SHARED_FIELDS
 from fer_search.model import BASELINE, TrialParams
 from fer_search.search import RetryWatch, requeue_interrupted
 
@@ -418,3 +419,61 @@ def test_an_artifact_folder_that_cannot_be_made_stops_run_with_one_line(tmp_path
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and str(tmp_path / "file" / "artifacts") in result.output
     assert "Traceback" not in result.output
+
+
+# Small, fast architectures (the baseline, width 1 and batch 128, is then left out of the study).
+SMALL_SPACE = "[space]\nwidth = 0.5\nconvs_per_block = 1\nbatch_size = [32, 64]\nlinear_depth = [1, 2]\n"
+
+
+def _shared(trial: optuna.trial.FrozenTrial) -> tuple[object, ...]:
+    params = trial.user_attrs["trial_params"]
+    return tuple(params[name] for name in SHARED_FIELDS)
+
+
+def test_fused_run_trains_groups_of_one_architecture_each_trial_reported_and_pruned_alone(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fuse 3: two groups of three, each of one architecture; trial 4, pruned at epoch 2, ends there while its
+    group mates train on (the pruner's verdict, made certain here: tiny-data accuracies tie too often)."""
+    monkeypatch.setattr(
+        optuna.trial.Trial,
+        "should_prune",
+        lambda trial: trial.number == 4 and len(trial.storage.get_trial(trial._trial_id).intermediate_values) == 2,
+    )
+    config = write_config(tmp_path, tiny_fer, "[pruner]\nkind = 'none'\n" + SMALL_SPACE)
+    result = cli("run", "--config", config, "--trials", 6, "--epochs", 3, "--device", "cpu", "--fuse", 3)
+    assert result.exit_code == 0, result.output
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4 + [TrialState.PRUNED, TrialState.COMPLETE]
+    assert [t.user_attrs["epochs_run"] for t in trials] == [3, 3, 3, 3, 2, 3]
+    assert all(len({_shared(t) for t in group}) == 1 for group in (trials[:3], trials[3:]))
+    assert len({t.user_attrs["seed"] for t in trials}) == 6  # each its own trial
+    assert len({t.params["lr"] for t in trials}) == 6  # sampled apart
+    for t in trials:
+        assert sorted(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1))
+        assert t.user_attrs["best_epoch"] if t.state == TrialState.COMPLETE else True
+    assert "trial 4 (worker 0) pruned after epoch 2 of 3" in result.output
+
+
+def test_an_interrupted_fused_group_queues_every_member_and_each_resumes_from_its_checkpoint(
+    tmp_path: Path, tiny_fer: Path
+) -> None:
+    config = write_config(tmp_path, tiny_fer, FAST_RUN + SMALL_SPACE)
+    proc = spawn_run(config, "--trials", 2, "--epochs", EPOCHS, "--fuse", 2)
+    wait_for(lambda: _checkpointed(tmp_path) == 2, 180, "two fused trials with checkpoints")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "resume with: fer-search run" in err and "Traceback" not in err
+    study = load(tmp_path)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(failed) == 2 and sorted(t.user_attrs["resumed_from"] for t in waiting) == [t.number for t in failed]
+
+    again = spawn_run(config, "--trials", 2, "--epochs", EPOCHS, "--fuse", 2)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    study = load(tmp_path)
+    assert len(finished(study)) == 2 and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    assert all(study.trials[t.number].user_attrs["resumed_at_epoch"] >= 3 for t in waiting)
+    assert checkpoint_files(tmp_path) == []

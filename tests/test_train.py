@@ -227,7 +227,7 @@ def test_a_training_step_adds_few_kernels_to_the_models_own(data: FerData) -> No
     # model: 6 kernels; sampling crops and flips per batch, and gathering each batch, made it 82.
     torch.manual_seed(0)
     model = build_model(NO_DROPOUT).to(memory_format=torch.channels_last)
-    optimizer = train_mod._make_optimizer(model, NO_DROPOUT, cuda=False)
+    optimizer = train_mod.make_optimizer(model, NO_DROPOUT, cuda=False)
     x, y = data.train.x[:96], data.train.y[:96]
     generator = torch.Generator().manual_seed(0)
 
