@@ -16,7 +16,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 from fer_search.augment import apply_plan, plan_augmentation
 from fer_search.data import FerData
 from fer_search.model import Dropout, TrialParams, build_model, keep_rule, laid_out, mask_words
-from fer_search.train import Checkpoint, EpochCallback, Training, TrainResult, TrainSettings
+from fer_search.train import Checkpoint, EpochCallback, Training, TrainResult, TrainSettings, match_layouts
 
 # What members of one fused group share: the layers (the pattern places the Dropouts; a rate of 0
 # is no mask at all, as in nn.Dropout) and the batch size (one step feeds every member a batch).
@@ -130,12 +130,15 @@ class _Group:
         self.trainings = trainings
         models = [t.model for t in trainings]
         params, buffers = stack_module_state(models)
-        self.params = {name: p.detach() for name, p in params.items()}
+        # Contiguous, so that each member's row, its gradient's row and its optimizer state share one layout:
+        # CUDA's fused Adam refuses differing strides.
+        self.params = {name: p.detach().contiguous() for name, p in params.items()}
         self.buffers = buffers
         stacked = {**self.params, **self.buffers}
-        for j, model in enumerate(models):
-            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        for j, t in enumerate(trainings):
+            for name, tensor in [*t.model.named_parameters(), *t.model.named_buffers()]:
                 tensor.data = stacked[name][j]
+            match_layouts(t.optimizer)
         rates = [dropout_rates(m) for m in models]
         dtype = torch.bfloat16 if self.cuda else torch.float32  # the activations' dtype under autocast
         # Per layer, each member's (threshold, scale), made once: a tensor from a list is a host-to-device copy.
@@ -179,6 +182,7 @@ class _Group:
                 continue
             xb = apply_plan(xs[i:end].flatten(0, 1), plan[i:end].flatten(0, 1)).unflatten(0, (end - i, k))
             grads, (loss, logits) = self.step(self.params, self.buffers, self._keeps(end - i), xb, ys[i:end])
+            grads = {name: g.contiguous() for name, g in grads.items()}  # laid out as the stacked weights
             for j, t in enumerate(self.trainings):
                 for name, p in t.model.named_parameters():
                     p.grad = grads[name][j]

@@ -258,6 +258,7 @@ class Training:
         self.best_epoch, self.best_acc, self.best_state = 0, -1.0, {}
         if resume is not None:
             _restore(resume, self.model, self.optimizer, self.scheduler, self.generator)
+            match_layouts(self.optimizer)
             torch.set_rng_state(resume.rng)
             if cuda and resume.cuda_rng is not None:
                 torch.cuda.set_rng_state(resume.cuda_rng, device)
@@ -326,6 +327,20 @@ def _restore(
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
     generator.set_state(ckpt.generator)
+
+
+def match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Lay each optimizer state tensor out as its parameter is (channels_last here, contiguous in a fused group).
+
+    Why: CUDA's fused Adam refuses a state whose strides differ from its parameter's, and a checkpoint
+    written fused may resume unfused, or the other way round.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
 
 
 def _step_scheduler(scheduler: Any, val_loss: float) -> None:

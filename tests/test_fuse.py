@@ -159,3 +159,32 @@ def test_members_of_another_architecture_are_refused(data: FerData) -> None:
 def test_fuse_key(change: dict[str, object], shared: bool) -> None:
     other: TrialParams = dataclasses.replace(SMALL, **change)  # type: ignore[arg-type]
     assert (fuse_key(other) == fuse_key(SMALL)) is shared
+
+
+def test_weights_gradients_and_optimizer_state_share_a_layout_fused_and_resumed_either_way(
+    data: FerData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA's fused Adam refuses a gradient or state laid out otherwise than its weight; the CPU's Adam does
+    not mind, so this checks, before every step, what the GPU would. Checkpoints cross between the unfused
+    layout (channels_last) and the fused one (contiguous) both ways."""
+    steps = []
+    adam_step = torch.optim.Adam.step
+
+    def checked_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> object:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                assert p.grad is not None and p.grad.stride() == p.stride()
+                state = [v for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.dim()]
+                assert all(v.stride() == p.stride() for v in state)
+        steps.append(optimizer)
+        return adam_step(optimizer, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim.Adam, "step", checked_step)
+    unfused: list[Checkpoint] = []
+    train_model(SMALL, data, TrainSettings(1, 1, CPU), lambda _r, checkpoint: unfused.append(checkpoint()))
+    fused: list[Checkpoint] = []
+    keep = lambda _r, checkpoint: fused.append(Checkpoint.from_bytes(checkpoint().to_bytes()))  # noqa: E731
+    members = [Member(SMALL, 1, keep, resume=unfused[0]), Member(MEMBERS[1], 2)]
+    assert all(isinstance(outcome, TrainResult) for _, outcome in train_fused(members, data, 3, CPU))
+    result = train_model(SMALL, data, TrainSettings(3, 1, CPU), resume=fused[0])  # epoch 2's, resumed alone
+    assert len(result.history) == 3 and len(steps) > 10

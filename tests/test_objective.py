@@ -133,7 +133,7 @@ def test_a_trial_failed_elsewhere_leaves_no_checkpoint_behind(
         load(tmp_path).tell(0, state=TrialState.FAIL)  # what fail_stale_trials does in another worker
         failed.append(0)
 
-    on_epoch = objective._TrialState.on_epoch
+    on_epoch = objective.TrialRun.on_epoch
 
     def on_epoch_failing_trial_0(state: Any, record: Any, checkpoint: Any) -> None:
         if moment == "between epochs" and (state.trial.number, record.epoch) == (0, 2):
@@ -151,7 +151,7 @@ def test_a_trial_failed_elsewhere_leaves_no_checkpoint_behind(
         if moment != "between epochs" and not failed:
             fail_trial_0()  # after the worker's check that its trial still runs, before it names the file
 
-    monkeypatch.setattr(objective._TrialState, "on_epoch", on_epoch_failing_trial_0)
+    monkeypatch.setattr(objective.TrialRun, "on_epoch", on_epoch_failing_trial_0)
     monkeypatch.setattr(storage.AtomicFileSystemArtifactStore, "write", write_then_fail_trial_0)
     result = cli("run", "--config", config, "--trials", 1, "--epochs", 3, "--device", "cpu")
     assert result.exit_code == 0, result.output

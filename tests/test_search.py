@@ -459,7 +459,8 @@ def test_an_interrupted_fused_group_queues_every_member_and_each_resumes_from_it
     tmp_path: Path, tiny_fer: Path
 ) -> None:
     config = write_config(tmp_path, tiny_fer, FAST_RUN + SMALL_SPACE)
-    proc = spawn_run(config, "--trials", 2, "--epochs", EPOCHS, "--fuse", 2)
+    epochs = 8  # the small space's fused epochs take a fraction of a second: a checkpoint at 2 leaves time to signal
+    proc = spawn_run(config, "--trials", 2, "--epochs", epochs, "--fuse", 2)
     wait_for(lambda: _checkpointed(tmp_path) == 2, 180, "two fused trials with checkpoints")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -470,7 +471,7 @@ def test_an_interrupted_fused_group_queues_every_member_and_each_resumes_from_it
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(failed) == 2 and sorted(t.user_attrs["resumed_from"] for t in waiting) == [t.number for t in failed]
 
-    again = spawn_run(config, "--trials", 2, "--epochs", EPOCHS, "--fuse", 2)
+    again = spawn_run(config, "--trials", 2, "--epochs", epochs, "--fuse", 2)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     study = load(tmp_path)
