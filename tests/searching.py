@@ -24,6 +24,12 @@ wait_poll_s = 0.5
 """
 
 
+# The space's cheaper architectures, the baseline's among them: for tests whose subject is not the models.
+QUICK_SPACE = "[space]\nwidth = [0.5, 1.0]\nconvs_per_block = 1\nbatch_size = [64, 128]\n"
+# Small, fast architectures only (the baseline, width 1 and batch 128, is then left out of the study).
+SMALL_SPACE = "[space]\nwidth = 0.5\nconvs_per_block = 1\nbatch_size = [32, 64]\nlinear_depth = [1, 2]\n"
+
+
 def write_config(folder: Path, data: Path, extra: str = "") -> Path:
     """A search.toml whose study, cache and artifacts all live in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)

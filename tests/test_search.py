@@ -20,6 +20,8 @@ from optuna.trial import TrialState
 from searching import (
     EPOCHS,
     FAST_RUN,
+    QUICK_SPACE,
+    SMALL_SPACE,
     checkpoint_files,
     cli,
     crashing_worker,
@@ -71,7 +73,7 @@ def test_timeout_stops_taking_trials(tmp_path: Path, tiny_fer: Path) -> None:
 
 
 def test_three_local_workers_share_one_sqlite_file(tmp_path: Path, tiny_fer: Path) -> None:
-    config = write_config(tmp_path, tiny_fer)
+    config = write_config(tmp_path, tiny_fer, QUICK_SPACE)
     proc = spawn_run(config, "--trials", 7, "--epochs", 2, "--workers", 3)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -419,10 +421,6 @@ def test_an_artifact_folder_that_cannot_be_made_stops_run_with_one_line(tmp_path
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and str(tmp_path / "file" / "artifacts") in result.output
     assert "Traceback" not in result.output
-
-
-# Small, fast architectures (the baseline, width 1 and batch 128, is then left out of the study).
-SMALL_SPACE = "[space]\nwidth = 0.5\nconvs_per_block = 1\nbatch_size = [32, 64]\nlinear_depth = [1, 2]\n"
 
 
 def _shared(trial: optuna.trial.FrozenTrial) -> tuple[object, ...]:
