@@ -371,9 +371,9 @@ MAX_SEED = 2**32 - 1
 # storage connections (storage.PG_POOL_SIZE + 1 overflow): 32 stay within PostgreSQL's default
 # max_connections (100), and already exceed the cores of most single machines.
 MAX_WORKERS = 32
-# A fused group holds a copy of the training images per member (66 MB for FER2013's) and its
-# members' weights, optimizer states and activations at once; 32 baseline members at batch 128
-# take about 6 GB of a GPU, and a group that large is past where fusing pays (BENCHMARKS.md).
+# A fused group holds a copy of the training images per member (28,709 x 48 x 48 bytes: 66 MB for
+# FER2013's, so 2.1 GB for 32) and its members' weights, optimizer states and activations at once;
+# as --workers, 32 is far past what one device shares well.
 MAX_FUSE = 32
 
 # Numeric keys and their greatest allowed value, where a greater one would break something.

@@ -15,7 +15,16 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from fer_search.augment import apply_plan, plan_augmentation
 from fer_search.data import FerData
-from fer_search.model import Dropout, TrialParams, build_model, keep_rule, laid_out, mask_words
+from fer_search.model import (
+    Dropout,
+    TrialParams,
+    build_model,
+    keep_rule,
+    mask_of,
+    mask_words,
+    random_bits,
+    used_dropouts,
+)
 from fer_search.train import Checkpoint, EpochCallback, Training, TrainResult, TrainSettings, match_layouts
 
 # What members of one fused group share: the layers (the pattern places the Dropouts; a rate of 0
@@ -26,7 +35,7 @@ SHARED_FIELDS = ("dropout_pattern", "batch_size", "linear_depth", "width", "conv
 
 def fuse_key(params: TrialParams) -> tuple[Any, ...]:
     """Trials with equal keys can train fused."""
-    zero_rates = tuple(rate == 0 for rate in dropout_rates(build_model(params)).values())
+    zero_rates = tuple(getattr(params, rate) == 0 for rate in used_dropouts(params.dropout_pattern))
     return tuple(getattr(params, name) for name in SHARED_FIELDS) + zero_rates
 
 
@@ -67,9 +76,11 @@ def train_fused(
     active = [i for i, t in enumerate(trainings) if not t.done]
     for i in set(range(len(members))) - set(active):
         yield i, trainings[i].result()  # resumed from its last epoch: nothing to train
+    if not active:
+        return
     group = _Group(members[0].params, device)
+    group.bind([trainings[i] for i in active])
     while active:
-        group.bind([trainings[i] for i in active])
         start = time.perf_counter()
         losses, accs = group.train_epoch(x_train, y_train)
         train_seconds = time.perf_counter() - start
@@ -79,6 +90,8 @@ def train_fused(
             if outcome is not None:
                 ended.append((i, outcome))
         active = [i for i in active if i not in dict(ended)]
+        if ended and active:
+            group.bind([trainings[i] for i in active])
         yield from ended
 
 
@@ -120,14 +133,14 @@ class _Group:
         self.cuda = device.type == "cuda"
         self.base = build_model(params).to(device)  # its forward only: functional_call swaps its tensors
         self.shapes = _dropout_input_shapes(self.base, device)
+        self.base.train()
         self.step = vmap(grad_and_value(self._loss, has_aux=True), in_dims=(0, 0, 0, 1, 1))
-        self.trainings: list[Training] = []
 
     def bind(self, trainings: list[Training]) -> None:
         """Stack these members' weights and buffers (again, once one has left) and point each member at its row."""
-        if [id(t) for t in trainings] == [id(t) for t in self.trainings]:
-            return
         self.trainings = trainings
+        # Each member's parameters by name, listed once: walking its modules every step costs the GPU's time.
+        self.named_params = [list(t.model.named_parameters()) for t in trainings]
         models = [t.model for t in trainings]
         params, buffers = stack_module_state(models)
         # Contiguous, so that each member's row, its gradient's row and its optimizer state share one layout:
@@ -165,7 +178,6 @@ class _Group:
 
     def train_epoch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
         """One pass over x per member, each in its own seeded order: (mean losses, accuracies), one host sync."""
-        self.base.train()
         n, k = len(x), len(self.trainings)
         batch_size = self.trainings[0].params.batch_size
         orders = [torch.randperm(n, generator=t.generator, device=x.device) for t in self.trainings]
@@ -183,8 +195,8 @@ class _Group:
             xb = apply_plan(xs[i:end].flatten(0, 1), plan[i:end].flatten(0, 1)).unflatten(0, (end - i, k))
             grads, (loss, logits) = self.step(self.params, self.buffers, self._keeps(end - i), xb, ys[i:end])
             grads = {name: g.contiguous() for name, g in grads.items()}  # laid out as the stacked weights
-            for j, t in enumerate(self.trainings):
-                for name, p in t.model.named_parameters():
+            for j, (t, named) in enumerate(zip(self.trainings, self.named_params)):
+                for name, p in named:
                     p.grad = grads[name][j]
                 t.optimizer.step()
             loss_sum.add_(loss.detach(), alpha=end - i)
@@ -202,15 +214,14 @@ class _Group:
         """
         shapes = {name: (batch, *self.shapes[name]) for name in self.rules}
         words = [mask_words(math.prod(s)) for s in shapes.values()]
-        bits = torch.empty(len(self.trainings), sum(words), dtype=torch.int64, device=self.device)
-        for row, t in zip(bits, self.trainings):
-            row.random_(-(2**63), None, generator=t.generator)
+        words_drawn = torch.empty(len(self.trainings), sum(words), dtype=torch.int64, device=self.device)
+        for row, t in zip(words_drawn, self.trainings):
+            random_bits(row, t.generator)
         keeps, offset = {}, 0
         for (name, shape), n_words in zip(shapes.items(), words):
-            n = math.prod(shape)
-            segment = laid_out(bits[:, offset : offset + n_words].view(torch.int16)[:, :n], shape)
+            bits = words_drawn[:, offset : offset + n_words].view(torch.int16)[:, : math.prod(shape)]
             thresholds, scales = (t.view(-1, *[1] * len(shape)) for t in self.rules[name])
-            keeps[f"{name}.keep"] = (segment >= thresholds).to(scales.dtype).mul_(scales)
+            keeps[f"{name}.keep"] = mask_of(bits, shape, thresholds, scales, scales.dtype)
             offset += n_words
         return keeps
 

@@ -144,9 +144,24 @@ def keep_scale(
     """A dropout mask: 0 where an element is dropped (probability ~p), 1/(1-p) where kept, drawn from `generator`."""
     threshold, scale = keep_rule(p)
     n = math.prod(shape)
-    # random_ over int64's full range gives 64 uniform bits; each int16 slice is uniform on [-2^15, 2^15).
-    bits = torch.empty(mask_words(n), dtype=torch.int64, device=device)
-    bits = bits.random_(-(2**63), None, generator=generator).view(torch.int16)[:n]
+    bits = random_bits(torch.empty(mask_words(n), dtype=torch.int64, device=device), generator)[:n]
+    return mask_of(bits, shape, threshold, scale, dtype)
+
+
+def random_bits(words: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`words` (int64) filled with random bits from `generator`, as int16 slices: each uniform on [-2^15, 2^15)."""
+    return words.random_(-(2**63), None, generator=generator).view(torch.int16)
+
+
+def mask_of(
+    bits: torch.Tensor,
+    shape: torch.Size | tuple[int, ...],
+    threshold: int | torch.Tensor,
+    scale: float | torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The mask of `shape` that random_bits' slices give under keep_rule's threshold and scale (or, fused, a
+    row of them per member: tensors that broadcast over the leading dimension of `bits`)."""
     return (laid_out(bits, shape) >= threshold).to(dtype).mul_(scale)
 
 
