@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from fer_search.errors import LEVELS, Crashed, UserError, configure_logging, logging_to
-from fer_search.processes import Terminated, exit_code, signals_deferred, sigterm_interrupts
+from fer_search.processes import Terminated, exit_code, signals_deferred, signals_interrupt
 from fer_search.progress import accuracy_text, params_text
 
 
@@ -23,7 +23,7 @@ class _Cli(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with sigterm_interrupts():
+            with signals_interrupt():
                 return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)

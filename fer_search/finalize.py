@@ -665,9 +665,10 @@ def train_in_processes(
         while waiting or running:
             while waiting and len(running) < config.finalize.jobs:
                 job = waiting.pop(0)
-                running[job] = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate))
+                process = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate))
                 with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
-                    running[job].start()
+                    process.start()
+                running[job] = process  # once started: the others are stopped should a start fail
             ended = [job for job, p in running.items() if not p.is_alive()]
             _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
             for job in ended:

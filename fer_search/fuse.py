@@ -25,6 +25,7 @@ from fer_search.model import (
     random_bits,
     used_dropouts,
 )
+from fer_search.processes import raise_if_interrupted
 from fer_search.train import Checkpoint, EpochCallback, Training, TrainResult, TrainSettings, match_layouts
 
 # What members of one fused group share: the layers (the pattern places the Dropouts; a rate of 0
@@ -189,6 +190,7 @@ class _Group:
         predicted = torch.empty(n, k, device=x.device, dtype=torch.long)
         seen = 0
         for i in range(0, n, batch_size):
+            raise_if_interrupted()
             end = min(i + batch_size, n)
             if end - i < 2:  # as train_model: BatchNorm cannot train on a single image
                 continue

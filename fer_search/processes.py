@@ -35,17 +35,45 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return TERMINATED if isinstance(interrupt, Terminated) else INTERRUPTED
 
 
-def _raise_terminated(_signum: int, _frame: FrameType | None) -> NoReturn:
-    # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
-    # or forwarded by a parent) must not cut short the saving the first one started.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated
+# The interrupts that signals raised inside signals_interrupt: process-wide, as signal handlers are.
+_raised: list[KeyboardInterrupt] = []
 
 
-def sigterm_interrupts() -> AbstractContextManager[None]:
-    """While inside, SIGTERM raises Terminated in the main thread (Python's default would end the process
-    at once, losing the running trial's requeue)."""
-    return _handling({signal.SIGTERM: _raise_terminated})
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
+    if signum == signal.SIGTERM:
+        # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
+        # or forwarded by a parent) must not cut short the saving the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _raised.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+    raise _raised[-1]
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While inside, Ctrl-C's SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated in the main
+    thread (Python's default would end the process at SIGTERM, losing the running trial's requeue),
+    and raise_if_interrupted raises them again."""
+    global _raised
+    former, _raised = _raised, []
+    try:
+        with _handling({signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_interrupt}):
+            yield
+    finally:
+        _raised = former
+
+
+def raise_if_interrupted() -> None:
+    """Raise again the interrupt a signal raised inside signals_interrupt, for work that goes on after it.
+
+    Why: Python can lose the exception a signal handler raises. Raised inside Python code that C code
+    calls and whose error it clears (a finalizer; a key's __hash__ in a lookup that ignores errors),
+    it vanishes, and a process that got the one signal its parent sends (or that ignores SIGTERMs
+    after the first) would train on, unwatched. Seen here: a finalize seed process training on after
+    its SIGINT, once in some 300 signals sent mid-training, and two test failures of the suite.
+    Training calls this every step.
+    """
+    if _raised:
+        raise type(_raised[-1])()
 
 
 def signals_held() -> AbstractContextManager[None]:
@@ -115,7 +143,7 @@ def run_child(label: str, queue: Any, work: Callable[[], None], level: int = log
     """
     configure_logging(level)
     try:
-        with sigterm_interrupts():
+        with signals_interrupt():
             if hasattr(signal, "pthread_sigmask"):  # blocked by a parent that started it in signals_deferred
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPPING)
             _terminate_when_parent_dies(label)

@@ -21,6 +21,7 @@ from fer_search.augment import apply_plan, normalize, plan_augmentation
 from fer_search.data import FerData
 from fer_search.errors import UserError
 from fer_search.model import TrialParams, build_model, set_dropout_generator
+from fer_search.processes import raise_if_interrupted
 
 EVAL_BATCH = 2048  # validation in a few large batches: one launch sequence, few syncs
 
@@ -386,6 +387,7 @@ def _train_one_epoch(
     predicted = torch.empty(n, device=x.device, dtype=torch.long)
     seen = 0
     for i in range(0, n, batch_size):
+        raise_if_interrupted()
         end = min(i + batch_size, n)
         if end - i < 2:  # BatchNorm cannot train on a single image (only the last batch can be this short)
             continue

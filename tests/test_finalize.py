@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import html
 import json
+import multiprocessing.process
 import os
 import shlex
 import shutil
@@ -480,6 +482,18 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
         )
     assert not any(isinstance(e, SeedEpoch) and e.epoch == 500 for e in events)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
+
+
+def test_a_seed_process_that_cannot_start_raises_its_own_error(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(_process: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    config = load_config(None, {"run.device": "cpu", "data.path": tiny_fer})
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):  # not a failure to stop it
+        train_in_processes([SeedJob("best", BASELINE, 0)], config, 1, tmp_path / "runs", print, True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from test_processes import swallowed_interrupt
 
 from fer_search.data import FerData, load_data
 from fer_search.fuse import Member, fuse_key, train_fused
 from fer_search.model import BASELINE, TrialParams
+from fer_search.processes import Terminated, signals_interrupt
 from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, train_model
 
 CPU = torch.device("cpu")
@@ -135,6 +138,17 @@ def test_a_diverging_member_ends_alone(data: FerData) -> None:
     calm = outcomes[1]
     assert isinstance(calm, TrainResult) and len(calm.history) == 2
     assert all(math.isfinite(r.train_loss) for r in calm.history)
+
+
+def test_an_interrupt_python_lost_stops_a_fused_group_at_the_next_step(data: FerData) -> None:
+    def lose_an_interrupt(record: EpochRecord, _checkpoint: Callable[[], Checkpoint]) -> None:
+        assert swallowed_interrupt(signal.SIGTERM)
+
+    members = [Member(SMALL, 1, lose_an_interrupt), Member(MEMBERS[2], 2)]
+    ended: list[int] = []
+    with signals_interrupt(), pytest.raises(Terminated):
+        ended.extend(index for index, _ in train_fused(members, data, EPOCHS, CPU))
+    assert ended == []
 
 
 def test_members_of_another_architecture_are_refused(data: FerData) -> None:

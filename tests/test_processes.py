@@ -22,9 +22,10 @@ from fer_search.processes import (
     Terminated,
     ended_interrupted,
     how_it_ended,
+    raise_if_interrupted,
     run_child,
     signals_deferred,
-    sigterm_interrupts,
+    signals_interrupt,
     spawn_context,
     stop_on_interrupt,
     stop_processes,
@@ -88,11 +89,40 @@ def test_stop_processes_interrupts_those_still_running_after_the_grace() -> None
 
 def test_sigterm_raises_terminated_inside_and_the_former_handler_comes_back() -> None:
     former = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Terminated), sigterm_interrupts():
+    with pytest.raises(Terminated), signals_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)  # interrupted at once
     assert signal.getsignal(signal.SIGTERM) is former
     assert isinstance(Terminated(), KeyboardInterrupt)  # every Ctrl-C handler saves the work for SIGTERM too
+
+
+def swallowed_interrupt(sig: int) -> list[BaseException]:
+    """Send `sig` to this process from a finalizer, where Python hands the interrupt its handler raises
+    to sys.unraisablehook and goes on: an interrupt lost. Returns what the hook got."""
+    lost: list[BaseException] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), sig)  # which runs the handler before it returns
+
+    former, sys.unraisablehook = sys.unraisablehook, lambda raised: lost.append(raised.exc_value)
+    try:
+        Finalized()  # dropped at once
+    finally:
+        sys.unraisablehook = former
+    return lost
+
+
+@pytest.mark.parametrize("sig, interrupt", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_an_interrupt_python_lost_is_raised_again_until_leaving(sig: int, interrupt: type) -> None:
+    with signals_interrupt():
+        raise_if_interrupted()  # nothing yet
+        assert [type(e) for e in swallowed_interrupt(sig)] == [interrupt]  # raised, and lost
+        for _ in range(2):  # every time the work goes on
+            with pytest.raises(interrupt) as raised:
+                raise_if_interrupted()
+            assert type(raised.value) is interrupt
+    raise_if_interrupted()  # forgotten on leaving
 
 
 def test_sigterm_exits_143_and_sends_nothing() -> None:

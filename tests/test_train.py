@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import io
 import math
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_processes import swallowed_interrupt
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,6 +25,7 @@ from fer_search.data import FerData, load_data
 from fer_search.errors import UserError
 from fer_search.model import BASELINE, TrialParams, build_model
 from fer_search.predict import model_from_state
+from fer_search.processes import signals_interrupt
 from fer_search.train import (
     Checkpoint,
     DivergedError,
@@ -364,6 +367,18 @@ def test_raising_from_the_callback_stops_training(data: FerData) -> None:
 
     with pytest.raises(Stop):
         train(subset(data, 32), NO_DROPOUT, epochs=3, on_epoch=stop)
+    assert calls == [1]
+
+
+def test_an_interrupt_python_lost_stops_training_at_the_next_step(data: FerData) -> None:
+    calls: list[int] = []
+
+    def lose_an_interrupt(record: EpochRecord, _checkpoint: Any) -> None:
+        calls.append(record.epoch)
+        assert swallowed_interrupt(signal.SIGINT)
+
+    with signals_interrupt(), pytest.raises(KeyboardInterrupt):
+        train(subset(data, 32), NO_DROPOUT, epochs=3, on_epoch=lose_an_interrupt)
     assert calls == [1]
 
 
