@@ -40,6 +40,7 @@ from fer_search.processes import (
     ChildError,
     ended_interrupted,
     how_it_ended,
+    raise_if_interrupted,
     run_child,
     signals_deferred,
     spawn_context,
@@ -682,6 +683,7 @@ def train_in_processes(
                     reason = failures.get(job.label)
                     told = f"{reason} (its traceback is above)" if reason else f"its process {how_it_ended(code)}"
                     raise Crashed(f"{job.label}: {told}")
+            raise_if_interrupted()
             time.sleep(0.1)
     except KeyboardInterrupt as e:
         stop_on_interrupt(list(running.values()), lambda: _drain(queue, say, {}), e)

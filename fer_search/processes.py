@@ -70,7 +70,7 @@ def raise_if_interrupted() -> None:
     it vanishes, and a process that got the one signal its parent sends (or that ignores SIGTERMs
     after the first) would train on, unwatched. Seen here: a finalize seed process training on after
     its SIGINT, once in some 300 signals sent mid-training, and two test failures of the suite.
-    Training calls this every step.
+    Training calls this every step, and a parent waiting for its children every poll.
     """
     if _raised:
         raise type(_raised[-1])()

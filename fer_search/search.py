@@ -26,6 +26,7 @@ from fer_search.processes import (
     ChildError,
     ended_interrupted,
     how_it_ended,
+    raise_if_interrupted,
     run_child,
     signals_deferred,
     signals_held,
@@ -469,6 +470,7 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
                     continue  # a crash: its traceback is on stderr, its exit code ends the run below
                 if progress is not None:
                     progress(event)
+            raise_if_interrupted()
             time.sleep(0.2)
     except KeyboardInterrupt as e:
         stop_on_interrupt(procs, _discarding(queue), e)  # for a signal sent to this process alone

@@ -26,6 +26,7 @@ import torch
 from click.testing import CliRunner, Result
 from finalizing import REPORT_FILES
 from searching import live_in_session
+from test_processes import swallowed_interrupt
 from test_results import METRICS_KEYS
 
 from fer_search.cli import main
@@ -36,6 +37,7 @@ from fer_search.finalize import SeedJob, evaluated_file, train_in_processes, tra
 from fer_search.metrics import ClassificationReport, classification_report
 from fer_search.model import BASELINE, TrialParams
 from fer_search.predict import load_model, model_from_state, predict_images
+from fer_search.processes import Terminated, signals_interrupt
 from fer_search.progress import SeedEpoch
 from fer_search.results import FinalMetrics, SeedRun
 
@@ -482,6 +484,20 @@ def test_a_seed_process_error_is_one_error_here_and_stops_the_others(tmp_path: P
         )
     assert not any(isinstance(e, SeedEpoch) and e.epoch == 500 for e in events)  # seed 1 was stopped, not waited for
     assert not list((tmp_path / "runs").glob("*.pt"))
+
+
+def test_a_parent_that_lost_its_interrupt_stops_its_seed_processes(tmp_path: Path, tiny_fer: Path) -> None:
+    config = load_config(None, {"run.device": "cpu", "data.path": tiny_fer})
+    epochs: list[int] = []
+
+    def lose_an_interrupt(event: object) -> None:  # in the parent, which drains the children's messages
+        if isinstance(event, SeedEpoch):
+            epochs.append(event.epoch)
+            assert epochs != [1] or swallowed_interrupt(signal.SIGTERM)
+
+    with signals_interrupt(), pytest.raises(Terminated):
+        train_in_processes([SeedJob("best", BASELINE, 0)], config, 500, tmp_path / "runs", lose_an_interrupt, True)
+    assert epochs and max(epochs) < 500
 
 
 def test_a_seed_process_that_cannot_start_raises_its_own_error(
