@@ -35,17 +35,18 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return TERMINATED if isinstance(interrupt, Terminated) else INTERRUPTED
 
 
-# The interrupts that signals raised inside signals_interrupt: process-wide, as signal handlers are.
-_raised: list[KeyboardInterrupt] = []
+# The kind of interrupt a signal raised inside signals_interrupt: process-wide, as signal handlers are.
+_raised: type[KeyboardInterrupt] | None = None
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    if signum == signal.SIGTERM:
+    global _raised
+    _raised = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    if _raised is Terminated:
         # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
         # or forwarded by a parent) must not cut short the saving the first one started.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _raised.append(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
-    raise _raised[-1]
+    raise _raised
 
 
 @contextmanager
@@ -54,7 +55,7 @@ def signals_interrupt() -> Iterator[None]:
     thread (Python's default would end the process at SIGTERM, losing the running trial's requeue),
     and raise_if_interrupted raises them again."""
     global _raised
-    former, _raised = _raised, []
+    former, _raised = _raised, None
     try:
         with _handling({signal.SIGINT: _raise_interrupt, signal.SIGTERM: _raise_interrupt}):
             yield
@@ -72,8 +73,8 @@ def raise_if_interrupted() -> None:
     its SIGINT, once in some 300 signals sent mid-training, and two test failures of the suite.
     Training calls this every step, and a parent waiting for its children every poll.
     """
-    if _raised:
-        raise type(_raised[-1])()
+    if _raised is not None:
+        raise _raised
 
 
 def signals_held() -> AbstractContextManager[None]:
