@@ -669,7 +669,9 @@ def train_in_processes(
                 process = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate))
                 with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
                     process.start()
-                running[job] = process  # once started: the others are stopped should a start fail
+                    # Once started (the others are stopped should a start fail), and in here: an
+                    # interrupt waiting for the block's end finds it listed.
+                    running[job] = process
             ended = [job for job, p in running.items() if not p.is_alive()]
             _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
             for job in ended:

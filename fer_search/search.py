@@ -452,20 +452,18 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
         ensure_study(config, storage, study_record(config, data.fingerprints), command=command)
     ctx = spawn_context()
     queue = ctx.SimpleQueue()
-    procs = [
-        ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None, log_level()), daemon=False)
-        for i in range(k)
-    ]
-    with signals_deferred():  # each imports torch with Ctrl-C held back, until run_child
-        for p in procs:
-            p.start()
+    procs: list[Any] = []  # the started ones: whatever ends this loop stops them, a failed start included
     try:
+        for i in range(k):
+            p = ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None, log_level()))
+            with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
+                p.start()
+                procs.append(p)  # in here: an interrupt waiting for the block's end finds it listed
         while any(p.is_alive() for p in procs) or not queue.empty():
             while not queue.empty():
                 event = queue.get()
                 if isinstance(event, ChildError):
-                    if event.user_error:
-                        stop_processes(procs, _discarding(queue), 0)  # they requeue; the user fixes and reruns
+                    if event.user_error:  # the others requeue their trials; the user fixes and reruns
                         raise UserError(f"{event.label}: {event.message}")
                     continue  # a crash: its traceback is on stderr, its exit code ends the run below
                 if progress is not None:
@@ -474,6 +472,11 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
             time.sleep(0.2)
     except KeyboardInterrupt as e:
         stop_on_interrupt(procs, _discarding(queue), e)  # for a signal sent to this process alone
+        raise
+    except BaseException:
+        # Ctrl-C's SIGINT: they requeue their trials. Not left running: at exit Python joins its
+        # non-daemon children, so an error here would wait for them to finish the whole study.
+        stop_processes(procs, _discarding(queue), 0)
         raise
     codes = [p.exitcode for p in procs]
     interrupted = ended_interrupted(codes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
 import os
 import re
 import resource
@@ -36,8 +38,10 @@ from searching import (
 
 from fer_search import search
 from fer_search.cli import main
+from fer_search.config import load_config
 from fer_search.fuse import SHARED_FIELDS
 from fer_search.model import BASELINE, TrialParams
+from fer_search.processes import INTERRUPTED
 from fer_search.search import RetryWatch, requeue_interrupted
 
 
@@ -239,6 +243,32 @@ def test_a_crashed_worker_ends_the_run_with_one_line(
     result = CliRunner().invoke(main, ["run", "--config", str(config), "--workers", "2", "--device", "cpu"])
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == "error: worker 1 crashed with exit code 1 (its traceback is above)"
+
+
+def test_a_worker_that_cannot_start_stops_the_started_ones(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left running, worker 0 would take the study's trials, unwatched, and Python would wait for it at exit."""
+    start = multiprocessing.process.BaseProcess.start
+    started: list[multiprocessing.process.BaseProcess] = []
+
+    def start_the_first_only(process: multiprocessing.process.BaseProcess) -> None:
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_the_first_only)
+    config = load_config(write_config(tmp_path, tiny_fer), {"run.device": "cpu", "run.workers": 3})
+    try:
+        with pytest.raises(OSError, match="Resource temporarily unavailable"):
+            search.run_search(config)
+        assert len(started) == 1 and started[0].exitcode == INTERRUPTED  # stopped as by Ctrl-C, and ended
+    finally:
+        for process in started:
+            process.kill()
+            process.join()
+    assert not load(tmp_path).get_trials(states=(TrialState.RUNNING,))
 
 
 def test_search_never_reads_the_test_split(tmp_path: Path, tiny_fer: Path) -> None:
