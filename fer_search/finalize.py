@@ -44,8 +44,7 @@ from fer_search.processes import (
     run_child,
     signals_deferred,
     spawn_context,
-    stop_on_interrupt,
-    stop_processes,
+    stopped_on_leaving_early,
 )
 from fer_search.progress import FinalizeFn, FinalizePlan, SeedEpoch, percent
 from fer_search.report import write_reports
@@ -662,15 +661,13 @@ def train_in_processes(
     waiting = list(jobs)
     running: dict[SeedJob, Any] = {}
     failures: dict[str, str] = {}
-    try:
+    with stopped_on_leaving_early(running.values(), lambda: _drain(queue, say, {})):
         while waiting or running:
             while waiting and len(running) < config.finalize.jobs:
                 job = waiting.pop(0)
                 process = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate))
                 with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
                     process.start()
-                    # Once started (the others are stopped should a start fail), and in here: an
-                    # interrupt waiting for the block's end finds it listed.
                     running[job] = process
             ended = [job for job, p in running.items() if not p.is_alive()]
             _drain(queue, say, failures)  # after is_alive: an ended process's messages are all in the pipe by now
@@ -687,12 +684,6 @@ def train_in_processes(
                     raise Crashed(f"{job.label}: {told}")
             raise_if_interrupted()
             time.sleep(0.1)
-    except KeyboardInterrupt as e:
-        stop_on_interrupt(list(running.values()), lambda: _drain(queue, say, {}), e)
-        raise
-    except BaseException:
-        stop_processes(list(running.values()), lambda: _drain(queue, say, {}), grace_s=0.0)
-        raise
 
 
 def _drain(queue: Any, say: Say, failures: dict[str, str]) -> None:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -209,6 +209,27 @@ def stop_on_interrupt(procs: list[Any], drain: Callable[[], None], interrupt: Ke
         stop_processes(procs, drain, 0.0, signal.SIGTERM)
     else:
         stop_processes(procs, drain, 2.0, signal.SIGINT)
+
+
+@contextmanager
+def stopped_on_leaving_early(running: Collection[Any], drain: Callable[[], None]) -> Iterator[None]:
+    """Whatever ends the block early stops the child processes in `running` (a live collection: those
+    started by then) before it goes on: an interrupt as stop_on_interrupt passes it on (for a signal
+    sent to this process alone), anything else, a failed start included, with Ctrl-C's SIGINT at once,
+    so that they requeue their work.
+
+    Why: Python joins non-daemon children at exit, so one left running would keep a failed command
+    waiting for it to finish all its work. List a child inside the signals_deferred block that starts
+    it: an interrupt held back until the block's end then finds it listed.
+    """
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        stop_on_interrupt(list(running), drain, e)
+        raise
+    except BaseException:
+        stop_processes(list(running), drain, 0.0)
+        raise
 
 
 def how_it_ended(code: int | None) -> str:

@@ -31,8 +31,7 @@ from fer_search.processes import (
     signals_deferred,
     signals_held,
     spawn_context,
-    stop_on_interrupt,
-    stop_processes,
+    stopped_on_leaving_early,
 )
 from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text, duration_text, params_text
 from fer_search.status import best_trial, count_trials, full_params, study_status, trial_seconds
@@ -452,13 +451,13 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
         ensure_study(config, storage, study_record(config, data.fingerprints), command=command)
     ctx = spawn_context()
     queue = ctx.SimpleQueue()
-    procs: list[Any] = []  # the started ones: whatever ends this loop stops them, a failed start included
-    try:
+    procs: list[Any] = []  # the started ones
+    with stopped_on_leaving_early(procs, _discarding(queue)):
         for i in range(k):
             p = ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None, log_level()))
             with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
                 p.start()
-                procs.append(p)  # in here: an interrupt waiting for the block's end finds it listed
+                procs.append(p)
         while any(p.is_alive() for p in procs) or not queue.empty():
             while not queue.empty():
                 event = queue.get()
@@ -470,14 +469,6 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
                     progress(event)
             raise_if_interrupted()
             time.sleep(0.2)
-    except KeyboardInterrupt as e:
-        stop_on_interrupt(procs, _discarding(queue), e)  # for a signal sent to this process alone
-        raise
-    except BaseException:
-        # Ctrl-C's SIGINT: they requeue their trials. Not left running: at exit Python joins its
-        # non-daemon children, so an error here would wait for them to finish the whole study.
-        stop_processes(procs, _discarding(queue), 0)
-        raise
     codes = [p.exitcode for p in procs]
     interrupted = ended_interrupted(codes)
     if interrupted is not None:

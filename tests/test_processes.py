@@ -29,6 +29,7 @@ from fer_search.processes import (
     spawn_context,
     stop_on_interrupt,
     stop_processes,
+    stopped_on_leaving_early,
 )
 
 TESTS = Path(__file__).resolve().parent
@@ -145,6 +146,19 @@ def test_a_sigterm_is_passed_on_at_once() -> None:
     started = time.monotonic()
     stop_on_interrupt([sleeper], lambda: None, Terminated())
     assert sleeper.exitcode == -signal.SIGTERM and time.monotonic() - started < 2  # no Ctrl-C grace
+
+
+def test_leaving_early_stops_the_children_listed_by_then() -> None:
+    """Python joins non-daemon children at exit: one left running would keep the failed command waiting."""
+    sleepers = [spawn_context().Process(target=time.sleep, args=(60,)) for _ in range(2)]
+    running: list[Any] = []
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="second start"), stopped_on_leaving_early(running, lambda: None):
+        sleepers[0].start()
+        running.append(sleepers[0])
+        raise RuntimeError("second start")
+    assert sleepers[0].exitcode == -signal.SIGINT and time.monotonic() - started < 30  # at once, as Ctrl-C
+    assert sleepers[1].pid is None  # never started, never waited for
 
 
 def waiting_child(marker: str) -> None:
