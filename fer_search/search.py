@@ -35,7 +35,7 @@ from fer_search.processes import (
 )
 from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text, duration_text, params_text
 from fer_search.status import best_trial, count_trials, full_params, study_status, trial_seconds
-from fer_search.storage import Heartbeat, disk_full_error, opened_storage
+from fer_search.storage import Heartbeat, TrialClaim, disk_full_error, opened_storage
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
 from fer_search.train import TrainResult, configure_cpu_threads, resolve_device
 
@@ -84,7 +84,8 @@ def run_worker(
         retry = storage.get_heartbeat_stale_trial_callback()
         if progress is not None:
             progress(StudyCount(count_trials(study).finished, run.trials))
-        return _take_trials(study, Objective(config, data, device, worker_index, progress), progress, retry)
+        objective = Objective(config, data, device, worker_index, progress)
+        return _take_trials(study, objective, progress, retry, TrialClaim(storage, study.study_name))
 
 
 def _take_trials(
@@ -92,42 +93,52 @@ def _take_trials(
     objective: Objective,
     progress: ProgressFn | None,
     retry: Callable[[optuna.Study, FrozenTrial], None] | None,
+    claim: TrialClaim,
 ) -> RunOutcome:
     run = objective.config.run
     deadline = time.monotonic() + run.timeout if run.timeout else None
     orphans = OrphanWatch(run.grace_period, retry)
-    retries = RetryWatch()
     try:
         while True:
-            retries.look(study)
-            fail_stale_trials(study)
-            orphans.fail_and_retry(study)
-            retry_pending = retries.pending(study)
-            counts = count_trials(study)
-            # A queued trial (a retry, a Ctrl-C's requeue) runs even once the study holds enough: it is a
-            # trial somebody started, and a study must never end with one left waiting.
-            if counts.finished >= run.trials and not counts.waiting and not retry_pending:
-                return RunOutcome(timed_out=False, status=study_status(study))
-            if deadline is not None and time.monotonic() >= deadline:
-                return RunOutcome(timed_out=True, status=study_status(study))
-            if not counts.waiting and (counts.finished + counts.running >= run.trials or retry_pending):
-                time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
-                continue
-            if run.fuse > 1:
-                # Room left in --trials, or the queued trials (a fused group's requeued members fuse again).
-                size = min(run.fuse, max(1, run.trials - counts.finished - counts.running, counts.waiting))
-                _take_fused(study, objective, size, progress)
-                continue
             try:
-                study.optimize(_stopping_past_optuna(objective), n_trials=1, catch=(OutOfMemory,), gc_after_trial=False)
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
-                # Optuna's tell refuses (ValueError) the trial another worker failed as stale
-                # while this one trained it: its heartbeats had not reached the storage for a
-                # grace period. That worker queued a retry, which resumes from the checkpoint.
-                if not (objective.failed_elsewhere or isinstance(e, optuna.exceptions.UpdateFinishedTrialError)):
-                    raise
-                for number in objective.current:
-                    log.warning("trial %d was failed as stale by another worker; its retry takes over", number)
+                claim.take()  # from the count to the trial's start: what this worker counted, it takes
+                # Failing a dead worker's trial and queueing its retry take two writes: under the claim, no
+                # worker counts in between, when it would see room for a fresh trial and leave the retry waiting.
+                fail_stale_trials(study)
+                orphans.fail_and_retry(study)
+                counts = count_trials(study)
+                # A queued trial (a retry, a Ctrl-C's requeue) runs even once the study holds enough: it is a
+                # trial somebody started, and a study must never end with one left waiting.
+                if counts.finished >= run.trials and not counts.waiting:
+                    return RunOutcome(timed_out=False, status=study_status(study))
+                if deadline is not None and time.monotonic() >= deadline:
+                    return RunOutcome(timed_out=True, status=study_status(study))
+                if not counts.waiting and counts.finished + counts.running >= run.trials:
+                    claim.release()
+                    time.sleep(run.wait_poll_s)  # others are finishing the last trials; wait to retry the dead
+                    continue
+                if run.fuse > 1:
+                    # Room left in --trials, or the queued trials (a fused group's requeued members fuse again).
+                    size = min(run.fuse, max(1, run.trials - counts.finished - counts.running, counts.waiting))
+                    _take_fused(study, objective, size, progress, claim.release)
+                    continue
+                try:
+                    study.optimize(
+                        _stopping_past_optuna(objective, claim.release),
+                        n_trials=1,
+                        catch=(OutOfMemory,),
+                        gc_after_trial=False,
+                    )
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as e:
+                    # Optuna's tell refuses (ValueError) the trial another worker failed as stale
+                    # while this one trained it: its heartbeats had not reached the storage for a
+                    # grace period. That worker queued a retry, which resumes from the checkpoint.
+                    if not (objective.failed_elsewhere or isinstance(e, optuna.exceptions.UpdateFinishedTrialError)):
+                        raise
+                    for number in objective.current:
+                        log.warning("trial %d was failed as stale by another worker; its retry takes over", number)
+            finally:
+                claim.release()
             ended, objective.current = objective.current, []  # ended: Ctrl-C must not requeue it
             for number in ended:
                 _tell_end(study, objective, trial_numbered(study, number), progress)
@@ -160,10 +171,12 @@ class _Stopped(BaseException):
         self.cause = cause
 
 
-def _stopping_past_optuna(objective: Objective) -> Callable[[optuna.Trial], float]:
-    """The objective, raising _Stopped in place of an interrupt or a full disk."""
+def _stopping_past_optuna(objective: Objective, asked: Callable[[], None]) -> Callable[[optuna.Trial], float]:
+    """The objective, calling `asked` first (Optuna has asked for its trial), and raising _Stopped in
+    place of an interrupt or a full disk."""
 
     def run(trial: optuna.Trial) -> float:
+        asked()
         try:
             return objective(trial)
         except KeyboardInterrupt as e:
@@ -189,9 +202,12 @@ def _full_disk_message(full: BaseException, numbers: list[int], queued: bool, gr
     return f"cannot write ({first_line(full)}): is the disk full? {then}"
 
 
-def _take_fused(study: optuna.Study, objective: Objective, size: int, progress: ProgressFn | None) -> None:
+def _take_fused(
+    study: optuna.Study, objective: Objective, size: int, progress: ProgressFn | None, asked: Callable[[], None]
+) -> None:
     """Take up to `size` trials that share the first one's architecture (fuse.SHARED_FIELDS) and train them as one
-    batched model, each reported, pruned, checkpointed and told on its own; tell each as it ends."""
+    batched model, each reported, pruned, checkpointed and told on its own; tell each as it ends.
+    `asked` is called once all are taken."""
     beats: dict[int, Any] = {}  # trial number -> its heartbeat thread, which Optuna's optimize would run
     runs: list[TrialRun] = []
     try:
@@ -202,6 +218,7 @@ def _take_fused(study: optuna.Study, objective: Objective, size: int, progress: 
                 beats[trial.number] = get_heartbeat_thread(trial._trial_id, study._storage)
                 beats[trial.number].__enter__()
                 runs.append(objective.start(trial))
+        asked()
         groups: dict[tuple[Any, ...], list[TrialRun]] = {}
         for r in runs:  # a queued trial (a retry, a requeue) taken on the way may have another architecture
             groups.setdefault(fuse_key(r.params), []).append(r)
@@ -336,41 +353,6 @@ class OrphanWatch:
             log.warning("trial %d never started: its worker died before training it", number)
             if self.retry is not None:
                 self.retry(study, trial_numbered(study, number))
-
-
-class RetryWatch:
-    """Tells when a trial seen running has just failed and its retry is not enqueued yet.
-
-    Why by hand: Optuna fails a stale trial and enqueues its retry in two transactions (as the
-    orphan watch does). A worker counting in between sees one trial fewer running and no retry
-    waiting, and would start a fresh trial instead: the study could then reach --trials with the
-    retry left WAITING. Waiting one poll lets the failing worker enqueue it; if that worker died
-    in between, the next look goes on without it.
-    """
-
-    def __init__(self) -> None:
-        self.running: set[int] = set()  # trials this worker saw RUNNING since its last `pending`
-
-    def look(self, study: optuna.Study) -> None:
-        self.running |= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-
-    def pending(self, study: optuna.Study) -> bool:
-        trials = study.get_trials(deepcopy=False)
-        # A retry names the trials it continues in system_attrs["retry_history"] (a retry of a retry names
-        # both), a Ctrl-C requeue in user_attrs["resumed_from"]; a trial its own worker failed (out of
-        # memory) says why and gets no retry.
-        followed = {n for t in trials for n in t.system_attrs.get("retry_history", ())} | {
-            t.user_attrs.get("resumed_from") for t in trials
-        }
-        pending = any(
-            t.number in self.running
-            and t.state == TrialState.FAIL
-            and t.number not in followed
-            and FAIL_REASON not in t.user_attrs
-            for t in trials
-        )
-        self.running = {t.number for t in trials if t.state == TrialState.RUNNING}
-        return pending
 
 
 def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, progress: ProgressFn | None) -> None:

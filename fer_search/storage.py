@@ -1,9 +1,12 @@
-"""Storage URLs -> tuned Optuna RDB storages (SQLite or PostgreSQL), and the artifact store."""
+"""Storage URLs -> tuned Optuna RDB storages (SQLite or PostgreSQL), the claim on taking a trial, the artifact store."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import logging
+import os
 import random
 import re
 import shlex
@@ -13,7 +16,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -217,6 +220,44 @@ class _SteadyRDBStorage(RDBStorage):
                 trial_id,
                 first_line(e.__cause__ or e),
             )
+
+
+class TrialClaim:
+    """The right to count a study's trials and take one, held by one worker at a time on any host.
+
+    Why by hand: Optuna's ask pops a queued trial, or else creates a fresh one, without looking at how
+    many the study holds (MaxTrialsCallback stops a worker only after the fact). Workers counting at
+    the same moment would each take the study's last trial, and a worker whose queued trial another
+    popped first would create a fresh one in its place: the study would run past --trials. PostgreSQL
+    holds the claim as a transaction's advisory lock; SQLite as a flock on the database's folder, not
+    its file, since closing any descriptor of the file drops SQLite's own locks on it (POSIX record
+    locks belong to the process). Either ends with its process, killed or not. MySQL workers go
+    without one and may overshoot, as Optuna's own callback does.
+    """
+
+    def __init__(self, storage: RDBStorage, study_name: str) -> None:
+        self.storage, self.study_name = storage, study_name
+        self._held = ExitStack()
+
+    def take(self) -> None:
+        """Waits until no other worker holds the claim."""
+        path = sqlite_path(self.storage.url)
+        if path is not None:
+            folder = os.open(path.parent, os.O_RDONLY)
+            self._held.callback(os.close, folder)  # which ends the flock
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        elif self.storage.engine.dialect.name == "postgresql":
+            connection = self._held.enter_context(self.storage.engine.connect())  # its rollback ends the lock
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key()})
+
+    def release(self) -> None:
+        """Lets the next worker take the claim; does nothing unless held."""
+        self._held.close()
+
+    def _lock_key(self) -> int:
+        """The study's advisory lock: a signed 64-bit number drawn from its name."""
+        digest = hashlib.sha256(f"fer-search trial claim {self.study_name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny learnable FER2013 in the image-folder layout, cache folders, the real data set."""
+"""Shared fixtures: a tiny learnable FER2013 in the image-folder layout, cache folders, the real data set,
+a PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pgserver import PgServer, Unavailable, start_server, unavailable
 from PIL import Image
 
 from fer_search.data import CLASSES
@@ -58,6 +60,17 @@ def write_tiny_fer(root: Path, per_class: tuple[int, int, int] = (16, 4, 4), nam
 def tiny_fer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny image-folder FER2013 (16 train, 4 PublicTest, 4 PrivateTest per class); do not modify it."""
     return write_tiny_fer(tmp_path_factory.mktemp("tiny_fer"))
+
+
+@pytest.fixture(scope="session")
+def postgres(request: pytest.FixtureRequest) -> PgServer:
+    """A throwaway PostgreSQL cluster for the whole session, stopped whatever happens."""
+    try:
+        server = start_server()
+    except Unavailable as e:
+        unavailable(str(e))
+    request.addfinalizer(server.stop)
+    return server
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ SERVER_USER = "postgres"  # the system account Debian's postgresql package creat
 ROLE, PASSWORD = "fer", "fer-test-password"  # the unprivileged role the workers connect as
 ADMIN = "postgres"  # the cluster's superuser, reached over the unix socket without a password
 RESERVED = 3  # of max_connections, kept for superusers: the workers' role gets the rest
+MAX_CONNECTIONS = 20  # small, so that workers leaking connections run into the limit
 
 
 class Unavailable(Exception):
@@ -113,7 +114,7 @@ class PgServer:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_server(max_connections: int = 20) -> PgServer:
+def start_server(max_connections: int = MAX_CONNECTIONS) -> PgServer:
     """initdb + start a cluster with a role and nothing else; the caller must stop() it."""
     bindir = find_bindir()
     if bindir is None:

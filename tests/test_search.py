@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,11 +40,13 @@ from searching import (
 
 from fer_search import search
 from fer_search.cli import main
-from fer_search.config import load_config
+from fer_search.config import Config, load_config
 from fer_search.fuse import SHARED_FIELDS
 from fer_search.model import BASELINE, TrialParams
 from fer_search.processes import INTERRUPTED
-from fer_search.search import RetryWatch, requeue_interrupted
+from fer_search.search import requeue_interrupted
+from fer_search.status import TrialCounts
+from fer_search.storage import LoggedRetry
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -271,6 +275,44 @@ def test_a_worker_that_cannot_start_stops_the_started_ones(
     assert not load(tmp_path).get_trials(states=(TrialState.RUNNING,))
 
 
+def run_two_workers_in_threads(config: Config) -> None:
+    """Two workers of one study, as threads: the test can hold them up at the same point of their loops."""
+    workers = [threading.Thread(target=search.run_worker, args=(config, index, 2)) for index in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert not any(worker.is_alive() for worker in workers)
+
+
+@pytest.mark.parametrize("fuse", [1, 2], ids=["alone", "fused"])
+@pytest.mark.parametrize("queued", [False, True], ids=["the-last-fresh-trial", "a-queued-trial"])
+def test_workers_counting_at_once_take_only_what_the_study_needs(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch, queued: bool, fuse: int
+) -> None:
+    """Two workers count the study at the same moment: both see room for one fresh trial, or one queued
+    trial. Only one may take it; without the claim the other took a fresh one too (a queued trial popped
+    by another leaves Optuna's ask creating a fresh one)."""
+    config_file = write_config(tmp_path, tiny_fer, FAST_RUN + SMALL_SPACE)
+    assert cli("run", "--config", config_file, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    if queued:  # as a Ctrl-C leaves it
+        load(tmp_path).enqueue_trial(load(tmp_path).trials[0].params, user_attrs={"resumed_from": 0})
+    trials = 1 if queued else 2
+    config = load_config(config_file, {"run.device": "cpu", "run.trials": trials, "run.epochs": 1, "run.fuse": fuse})
+    together, count_trials = threading.Barrier(2), search.count_trials
+
+    def counted_together(study: optuna.Study) -> TrialCounts:
+        counts = count_trials(study)
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other is kept out, or has ended
+            together.wait(timeout=2)
+        return counts
+
+    monkeypatch.setattr(search, "count_trials", counted_together)
+    run_two_workers_in_threads(config)
+    study = load(tmp_path)
+    assert len(finished(study)) == 2 and len(study.trials) == 2, [(t.number, t.state) for t in study.trials]
+
+
 def test_search_never_reads_the_test_split(tmp_path: Path, tiny_fer: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_fer, data)
@@ -384,40 +426,26 @@ def test_quiet_and_verbose_together_is_a_mistake(tmp_path: Path, tiny_fer: Path)
     assert result.exit_code == 2 and "-q and -v" in result.output, result.output
 
 
-def test_a_trial_failed_before_its_retry_is_enqueued_holds_off_new_trials() -> None:
-    """The window between Optuna failing a stale trial and enqueuing its retry: a worker counting then
-    must wait one poll, or it starts a fresh trial and the retry may be left WAITING."""
-    study = optuna.create_study()
-    watch = RetryWatch()
-    dead, crashed = study.ask(), study.ask()
-    watch.look(study)
-    study.tell(dead.number, state=TrialState.FAIL)  # failed as stale by another worker, retry not yet enqueued
-    assert watch.pending(study)
-    assert not watch.pending(study)  # one poll only: had the failing worker died, the search goes on
-    watch.look(study)
-    crashed.set_user_attr("fail_reason", "out of memory: CUDA")
-    study.tell(crashed.number, state=TrialState.FAIL)  # failed by its own worker, which gives no retry
-    assert not watch.pending(study)
-    running = study.ask()
-    watch.look(study)
-    study.tell(running.number, state=TrialState.FAIL)
-    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[running.number])
-    assert not watch.pending(study)  # its retry is there
+def test_no_worker_counts_between_a_dead_trials_failure_and_its_retry(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing a dead worker's trial and queueing its retry take two writes, slow ones here. A worker
+    counting in between saw room for a fresh trial, and the study ended one trial past --trials."""
+    config_file = write_config(tmp_path, tiny_fer, FAST_RUN + SMALL_SPACE)
+    assert cli("run", "--config", config_file, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    dead = load(tmp_path).ask()  # its worker died before starting it: failed after the grace period
+    queue_retry = LoggedRetry.__call__
 
+    def slowly(self: LoggedRetry, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        time.sleep(2)  # four of the other worker's polls
+        queue_retry(self, study, trial)
 
-def test_a_retry_of_a_retry_counts_as_followed() -> None:
-    """Optuna names the first trial of a chain in every retry's failed_trial; retry_history names them all."""
-    study = optuna.create_study()
-    watch = RetryWatch()
-    first = study.ask()
-    study.tell(first.number, state=TrialState.FAIL)
-    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[first.number])
-    retry = study.ask()
-    watch.look(study)
-    study.tell(retry.number, state=TrialState.FAIL)
-    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.trials[retry.number])
-    assert study.trials[-1].system_attrs["failed_trial"] == first.number
-    assert not watch.pending(study)  # the retry's retry is there: nothing to wait for
+    monkeypatch.setattr(LoggedRetry, "__call__", slowly)
+    config = load_config(config_file, {"run.device": "cpu", "run.trials": 2, "run.epochs": 1})
+    run_two_workers_in_threads(config)
+    trials = load(tmp_path).trials
+    assert [t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials] == [True, False, True], trials
+    assert trials[dead.number].state == TrialState.FAIL and trials[2].system_attrs["failed_trial"] == dead.number
 
 
 def test_an_interrupted_trial_is_queued_again_before_it_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,12 @@ import json
 import logging
 import multiprocessing
 import queue
+import signal
 import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -27,6 +32,7 @@ from fer_search.storage import (
     SQLITE_BUSY_TIMEOUT_MS,
     Heartbeat,
     LoggedRetry,
+    TrialClaim,
     disk_full_error,
     load_existing_study,
     open_artifact_store,
@@ -401,3 +407,79 @@ def test_a_retried_trial_says_so_in_the_log(tmp_path: Path, caplog: pytest.LogCa
         "trial 1 failed, its worker gone; not retried: it was retried 1 times already (run.max_retry)",
     ]
     assert len(study.trials) == 2  # no third
+
+
+# --- the trial claim -----------------------------------------------------------------------------
+
+# Another worker's process: takes the claim, then releases it at the first line on stdin, and ends at the second
+# (so that what frees the claim is the release, not the process's end).
+CLAIM_HOLDER = """
+import sys
+from fer_search.storage import TrialClaim, open_storage
+claim = TrialClaim(open_storage(sys.argv[1]), "fer2013")
+claim.take()
+print("held", flush=True)
+sys.stdin.readline()
+claim.release()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def claim_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "studies" / "fer2013.db")
+    return request.getfixturevalue("postgres").create_database(f"claim_{uuid.uuid4().hex}")
+
+
+def claim_holder(url: str) -> subprocess.Popen[str]:
+    """A process holding the claim on `url` once this returns."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_HOLDER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def claim_taken_in_background(url: str) -> tuple[TrialClaim, threading.Event]:
+    """A claim being taken in a thread, and the event set once it is."""
+    claim, taken = TrialClaim(open_storage(url), "fer2013"), threading.Event()
+
+    def take() -> None:
+        claim.take()
+        taken.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    return claim, taken
+
+
+def test_a_trial_claim_is_held_by_one_worker_at_a_time(claim_url: str) -> None:
+    holder = claim_holder(claim_url)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        claim, taken = claim_taken_in_background(claim_url)
+        assert not taken.wait(1.0)  # the other process holds it
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "released\n"
+        assert taken.wait(30)
+        claim.release()
+        claim.release()  # a second release does nothing
+        claim.take()  # and it can be taken again
+        claim.release()
+        claim.storage.engine.dispose()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_workers_claim_is_free_again(claim_url: str) -> None:
+    holder = claim_holder(claim_url)
+    claim, taken = claim_taken_in_background(claim_url)
+    assert not taken.wait(1.0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert taken.wait(30)
+    claim.release()
+    claim.storage.engine.dispose()
