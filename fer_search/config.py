@@ -368,7 +368,7 @@ MAX_SECONDS = 365 * 24 * 3600
 # those beyond 2**64 - 1 (`--seed 10**30`); run.seed keeps numpy's range too, one rule for both.
 MAX_SEED = 2**32 - 1
 # Each local worker is a spawned process (torch and the data set: about half a GB) with up to three
-# storage connections (storage.PG_POOL_SIZE + 1 overflow): 32 stay within PostgreSQL's default
+# storage connections (storage.PG_POOL_SIZE): 32 stay within PostgreSQL's default
 # max_connections (100), and already exceed the cores of most single machines.
 MAX_WORKERS = 32
 # A fused group holds a copy of the training images per member (28,709 x 48 x 48 bytes: 66 MB for

@@ -16,7 +16,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,7 +36,7 @@ from fer_search.files import made_folder, may_write, write_atomically
 log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE; 15 and later deny CREATE on public to non-owners
-PG_POOL_SIZE = 2  # a worker uses one connection at a time (plus the heartbeat thread's)
+PG_POOL_SIZE = 3  # a worker's session, its heartbeat thread, and the trial claim while it holds it
 PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
 # SQLite's words for a write the disk refused: full (ENOSPC), or any other write error, such as a
 # file-size limit (EFBIG), which it reports as an I/O error.
@@ -100,7 +100,7 @@ def engine_kwargs_for(url: str) -> dict[str, Any]:
         return {
             "pool_pre_ping": True,
             "pool_size": PG_POOL_SIZE,
-            "max_overflow": 1,
+            "max_overflow": 0,
             "pool_recycle": 1800,
             "connect_args": {
                 "connect_timeout": 10,
@@ -243,16 +243,34 @@ class TrialClaim:
         """Waits until no other worker holds the claim."""
         path = sqlite_path(self.storage.url)
         if path is not None:
-            folder = os.open(path.parent, os.O_RDONLY)
-            self._held.callback(os.close, folder)  # which ends the flock
-            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                folder = os.open(path.parent, os.O_RDONLY)
+                self._held.callback(os.close, folder)  # which ends the flock
+                fcntl.flock(folder, fcntl.LOCK_EX)
+            except OSError as e:  # a folder it may not read, a network file system without flock
+                raise UserError(
+                    f"cannot lock the folder of the SQLite database {path} ({e.strerror}): the workers take "
+                    "their trials in turn by that lock; keep the database in a folder on a local disk that "
+                    "they may read and write, or use PostgreSQL"
+                ) from None
         elif self.storage.engine.dialect.name == "postgresql":
             connection = self._held.enter_context(self.storage.engine.connect())  # its rollback ends the lock
+            # The server's keepalives end the lock within a minute of its holder's host going silent (power,
+            # network), not after Linux's two hours; and no timeout a database administrator set cuts the wait.
+            connection.execute(
+                sqlalchemy.text(
+                    "SELECT set_config('tcp_keepalives_idle', '30', true), "
+                    "set_config('tcp_keepalives_interval', '10', true), "
+                    "set_config('tcp_keepalives_count', '3', true), "
+                    "set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true)"
+                )
+            )
             connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key()})
 
     def release(self) -> None:
         """Lets the next worker take the claim; does nothing unless held."""
-        self._held.close()
+        with suppress(sqlalchemy.exc.SQLAlchemyError):  # a lost connection has ended its lock already
+            self._held.close()
 
     def _lock_key(self) -> int:
         """The study's advisory lock: a signed 64-bit number drawn from its name."""

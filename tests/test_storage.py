@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib.util
 import io
 import json
@@ -476,10 +477,28 @@ def test_a_trial_claim_is_held_by_one_worker_at_a_time(claim_url: str) -> None:
 
 def test_a_killed_workers_claim_is_free_again(claim_url: str) -> None:
     holder = claim_holder(claim_url)
-    claim, taken = claim_taken_in_background(claim_url)
-    assert not taken.wait(1.0)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait()
+    try:
+        claim, taken = claim_taken_in_background(claim_url)
+        assert not taken.wait(1.0)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
     assert taken.wait(30)
     claim.release()
     claim.storage.engine.dispose()
+
+
+def test_a_sqlite_folder_without_locks_is_one_line_naming_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "studies" / "fer2013.db"
+    claim = TrialClaim(open_storage(sqlite_url(path)), "fer2013")
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")  # as a network file system without flock says
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(UserError) as info:
+        claim.take()
+    assert str(info.value).startswith(f"cannot lock the folder of the SQLite database {path} (No locks available)")
+    claim.release()  # closes the folder it opened
