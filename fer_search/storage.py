@@ -236,12 +236,16 @@ class TrialClaim:
     """
 
     def __init__(self, storage: RDBStorage, study_name: str) -> None:
-        self.storage, self.study_name = storage, study_name
+        self.storage = storage
+        self._sqlite = sqlite_path(storage.url)
+        # The study's advisory lock on PostgreSQL: a signed 64-bit number drawn from its name.
+        digest = hashlib.sha256(f"fer-search trial claim {study_name}".encode()).digest()
+        self._lock_key = int.from_bytes(digest[:8], "big", signed=True)
         self._held = ExitStack()
 
     def take(self) -> None:
         """Waits until no other worker holds the claim."""
-        path = sqlite_path(self.storage.url)
+        path = self._sqlite
         if path is not None:
             try:
                 folder = os.open(path.parent, os.O_RDONLY)
@@ -265,17 +269,12 @@ class TrialClaim:
                     "set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true)"
                 )
             )
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key()})
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._lock_key})
 
     def release(self) -> None:
         """Lets the next worker take the claim; does nothing unless held."""
         with suppress(sqlalchemy.exc.SQLAlchemyError):  # a lost connection has ended its lock already
             self._held.close()
-
-    def _lock_key(self) -> int:
-        """The study's advisory lock: a signed 64-bit number drawn from its name."""
-        digest = hashlib.sha256(f"fer-search trial claim {self.study_name}".encode()).digest()
-        return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy
 from click.testing import CliRunner
 from conftest import killed_mid_write
+from searching import write_config
 
 from fer_search.cli import main
 from fer_search.errors import UserError
@@ -489,7 +490,7 @@ def test_a_killed_workers_claim_is_free_again(claim_url: str) -> None:
 
 
 def test_a_sqlite_folder_without_locks_is_one_line_naming_the_database(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "studies" / "fer2013.db"
     claim = TrialClaim(open_storage(sqlite_url(path)), "fer2013")
@@ -502,3 +503,8 @@ def test_a_sqlite_folder_without_locks_is_one_line_naming_the_database(
         claim.take()
     assert str(info.value).startswith(f"cannot lock the folder of the SQLite database {path} (No locks available)")
     claim.release()  # closes the folder it opened
+    run = CliRunner().invoke(
+        main, ["run", "--config", str(write_config(tmp_path, tiny_fer)), "--trials", "1", "--device", "cpu"]
+    )
+    assert run.exit_code == 2 and run.output.count("\n") == 1, run.output
+    assert "cannot lock the folder of the SQLite database" in run.output and "Traceback" not in run.output
