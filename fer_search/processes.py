@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 from fer_search.errors import UserError, configure_logging, first_line
 
@@ -37,16 +37,47 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 # The kind of interrupt a signal raised inside signals_interrupt: process-wide, as signal handlers are.
 _raised: type[KeyboardInterrupt] | None = None
+_deferring = 0  # how deep the main thread is in interrupts_deferred blocks
+_deferred: type[KeyboardInterrupt] | None = None  # the interrupt such a block raises on leaving
 
 
-def _raise_interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
-    global _raised
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    global _raised, _deferred
     _raised = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     if _raised is Terminated:
         # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
         # or forwarded by a parent) must not cut short the saving the first one started.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _deferring:
+        _deferred = _raised
+        return
     raise _raised
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """While inside, in the main thread, the interrupt of a Ctrl-C or SIGTERM (inside signals_interrupt) is
+    raised on leaving, once the work inside has ended, not where it lands; elsewhere this does nothing.
+
+    Why: for the storage's transactions (storage._SteadyRDBStorage). Raised inside SQLAlchemy, an interrupt
+    rolled back the write in hand (a checkpoint's pointer, lost), or, after a SELECT whose statement was
+    still open, left the connection open mid-transaction for as long as the exception was handled: it held
+    SQLite's write lock, and the requeue of the interrupted trial and every other worker waited on it for
+    the whole busy timeout. A signal that lands while the main thread waits for that lock is handled right
+    as the wait ends: two workers whose parent was killed hung so in about one stop in twenty.
+    """
+    global _deferring, _deferred
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _deferred is not None:
+            interrupt, _deferred = _deferred, None
+            raise interrupt
 
 
 @contextmanager

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -32,6 +34,7 @@ from sqlalchemy.engine import CreateEnginePlugin
 
 from fer_search.errors import UserError, first_line
 from fer_search.files import made_folder, may_write, write_atomically
+from fer_search.processes import interrupts_deferred
 
 log = logging.getLogger("fer_search")
 SQLITE_BUSY_TIMEOUT_MS = 120_000
@@ -203,11 +206,13 @@ def _connected(
 
 
 class _SteadyRDBStorage(RDBStorage):
-    """Optuna's RDB storage whose heartbeat outlives a failed write.
+    """Optuna's RDB storage whose transactions an interrupt does not cut short, and whose heartbeat
+    outlives a failed write.
 
     Why: Optuna records heartbeats in a thread that has no error handling, so one transient
     database error (a server restart, a lock held too long) would end them for the rest of the
     trial, and after the grace period the other workers would fail a trial that is still training.
+    Ctrl-C and SIGTERM: see processes.interrupts_deferred, around each of its methods (below).
     """
 
     def record_heartbeat(self, trial_id: int) -> None:
@@ -220,6 +225,21 @@ class _SteadyRDBStorage(RDBStorage):
                 trial_id,
                 first_line(e.__cause__ or e),
             )
+
+
+def _uninterrupted(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with interrupts_deferred():
+            return method(*args, **kwargs)
+
+    return wrapped
+
+
+# Around every method Optuna's RDB storage defines: each opens a transaction, runs in one, or reads a setting.
+for _name, _method in vars(RDBStorage).items():
+    if inspect.isfunction(_method) and not _name.startswith("__"):
+        setattr(_SteadyRDBStorage, _name, _uninterrupted(getattr(_SteadyRDBStorage, _name)))
 
 
 class TrialClaim:

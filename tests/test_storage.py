@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import sqlite3
@@ -28,8 +29,10 @@ from click.testing import CliRunner
 from conftest import killed_mid_write
 from searching import write_config
 
+from fer_search import storage as storage_module
 from fer_search.cli import main
 from fer_search.errors import UserError
+from fer_search.processes import signals_interrupt
 from fer_search.storage import (
     SQLITE_BUSY_TIMEOUT_MS,
     Heartbeat,
@@ -142,6 +145,43 @@ def test_sqlite_transactions_take_the_write_lock_at_begin(tmp_path: Path) -> Non
                 other.execute("BEGIN IMMEDIATE")
         other.execute("BEGIN IMMEDIATE")  # free again once the transaction ended
         other.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        "BEGIN",  # its write lock just taken, as a signal that came while waiting for it lands: the write was lost
+        "SELECT",  # a statement still open: the connection was kept alive, holding the lock
+    ],
+)
+def test_an_interrupt_inside_a_transaction_is_raised_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str
+) -> None:
+    monkeypatch.setattr(storage_module, "SQLITE_BUSY_TIMEOUT_MS", 2000)  # a lock left held fails, not waits
+    storage = open_storage(sqlite_url(tmp_path / "x.db"))
+    study = optuna.create_study(study_name="s", storage=storage)
+    sent: list[str] = []
+
+    def interrupt(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith(after) and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sqlalchemy.event.listen(storage.engine, "after_cursor_execute", interrupt)
+    with signals_interrupt():
+        try:
+            study.set_user_attr("interrupted", True)
+        except KeyboardInterrupt:
+            # As the requeue of an interrupted trial writes, the interrupt in hand.
+            study.set_user_attr("saved", True)
+        else:
+            pytest.fail("the interrupt was lost")
+    assert sent
+    assert optuna.load_study(study_name="s", storage=sqlite_url(tmp_path / "x.db")).user_attrs == {
+        "interrupted": True,
+        "saved": True,
+    }
+    storage.engine.dispose()
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
