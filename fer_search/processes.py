@@ -49,8 +49,10 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
         # or forwarded by a parent) must not cut short the saving the first one started.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if _deferring:
-        _deferred = _raised
+        if _deferred is not Terminated:  # a Ctrl-C after SIGTERM must not make the exit code 130
+            _deferred = _raised
         return
+    _deferred = None  # raised now: never again on leaving a block
     raise _raised
 
 

@@ -26,6 +26,7 @@ from fer_search.processes import (
     ChildError,
     ended_interrupted,
     how_it_ended,
+    interrupts_deferred,
     raise_if_interrupted,
     run_child,
     signals_deferred,
@@ -104,8 +105,7 @@ def _take_trials(
                 claim.take()  # from the count to the trial's start: what this worker counted, it takes
                 # Failing a dead worker's trial and queueing its retry take two writes: under the claim, no
                 # worker counts in between, when it would see room for a fresh trial and leave the retry waiting.
-                fail_stale_trials(study)
-                orphans.fail_and_retry(study)
+                fail_dead_trials(study, orphans)
                 counts = count_trials(study)
                 # A queued trial (a retry, a Ctrl-C's requeue) runs even once the study holds enough: it is a
                 # trial somebody started, and a study must never end with one left waiting.
@@ -353,6 +353,15 @@ class OrphanWatch:
             log.warning("trial %d never started: its worker died before training it", number)
             if self.retry is not None:
                 self.retry(study, trial_numbered(study, number))
+
+
+def fail_dead_trials(study: optuna.Study, orphans: OrphanWatch) -> None:
+    """Fail the trials whose worker is gone (stale, or never started) and queue their retries."""
+    # A Ctrl-C between the two writes would leave a trial failed and its retry never queued: its
+    # checkpoint would never be resumed. The interrupt waits until both are written.
+    with interrupts_deferred():
+        fail_stale_trials(study)
+        orphans.fail_and_retry(study)
 
 
 def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, progress: ProgressFn | None) -> None:

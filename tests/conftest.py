@@ -10,9 +10,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy
 from pgserver import PgServer, Unavailable, start_server, unavailable
 from PIL import Image
 
@@ -144,3 +146,18 @@ def make_unwritable() -> Iterator[Callable[[Path], None]]:
     finally:
         for command in undo:
             subprocess.run(command, check=True)
+
+
+def ctrl_c_after(engine: Any, statement: str) -> list[str]:
+    """Send this process one SIGINT right after `engine` runs its first statement that starts with `statement`:
+    inside SQLAlchemy, where a signal that came while waiting for the database lands. Returns the statement
+    it followed, in a list filled once it is sent."""
+    sent: list[str] = []
+
+    def interrupt(_conn: Any, _cursor: Any, executed: str, *_: Any) -> None:
+        if executed.startswith(statement) and not sent:
+            sent.append(executed)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sqlalchemy.event.listen(engine, "after_cursor_execute", interrupt)
+    return sent

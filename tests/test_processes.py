@@ -22,6 +22,7 @@ from fer_search.processes import (
     Terminated,
     ended_interrupted,
     how_it_ended,
+    interrupts_deferred,
     raise_if_interrupted,
     run_child,
     signals_deferred,
@@ -95,6 +96,24 @@ def test_sigterm_raises_terminated_inside_and_the_former_handler_comes_back() ->
         time.sleep(10)  # interrupted at once
     assert signal.getsignal(signal.SIGTERM) is former
     assert isinstance(Terminated(), KeyboardInterrupt)  # every Ctrl-C handler saves the work for SIGTERM too
+
+
+def test_an_interrupt_inside_a_deferred_block_is_raised_once_the_block_ends() -> None:
+    done: list[str] = []
+    raised: BaseException | None = None
+    with signals_interrupt():
+        try:
+            with interrupts_deferred():
+                with interrupts_deferred():  # nested, as a storage method calling another
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after it: the exit code is still SIGTERM's
+                    done.append("inner")
+                done.append("outer")
+        except KeyboardInterrupt as e:  # pytest would stop at a KeyboardInterrupt that got away
+            raised = e
+    assert done == ["inner", "outer"] and type(raised) is Terminated
+    with signals_interrupt(), interrupts_deferred():
+        pass  # raised once: nothing is left to raise
 
 
 def swallowed_interrupt(sig: int) -> list[BaseException]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import ctrl_c_after
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from searching import (
@@ -43,10 +44,10 @@ from fer_search.cli import main
 from fer_search.config import Config, load_config
 from fer_search.fuse import SHARED_FIELDS
 from fer_search.model import BASELINE, TrialParams
-from fer_search.processes import INTERRUPTED
+from fer_search.processes import INTERRUPTED, signals_interrupt
 from fer_search.search import requeue_interrupted
 from fer_search.status import TrialCounts
-from fer_search.storage import LoggedRetry
+from fer_search.storage import LoggedRetry, open_storage
 
 
 def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
@@ -346,6 +347,21 @@ def test_a_trial_taken_but_never_started_is_failed_and_retried(tmp_path: Path, t
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number)
     assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert len(finished(study)) == 2 and not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_an_interrupt_while_a_dead_trial_is_failed_waits_for_its_retry(tmp_path: Path) -> None:
+    """Failing a dead worker's trial and queueing its retry are two writes: a Ctrl-C between them would leave
+    the trial failed and its checkpoint never resumed."""
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.ask()  # RUNNING and never started: its worker died before training it
+    sent = ctrl_c_after(storage.engine, "UPDATE trials")  # the trial's state: FAIL
+    with signals_interrupt(), pytest.raises(KeyboardInterrupt):
+        search.fail_dead_trials(study, search.OrphanWatch(grace_period=0, retry=LoggedRetry(max_retry=1)))
+    assert sent
+    states = [t.state for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db").trials]
+    assert states == [TrialState.FAIL, TrialState.WAITING]
+    storage.engine.dispose()
 
 
 def test_a_live_workers_trial_failed_by_another_is_handed_to_its_retry(tmp_path: Path, tiny_fer: Path) -> None:

@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import queue
 import signal
 import sqlite3
@@ -26,7 +25,7 @@ import optuna
 import pytest
 import sqlalchemy
 from click.testing import CliRunner
-from conftest import killed_mid_write
+from conftest import ctrl_c_after, killed_mid_write
 from searching import write_config
 
 from fer_search import storage as storage_module
@@ -160,14 +159,7 @@ def test_an_interrupt_inside_a_transaction_is_raised_once_it_has_ended(
     monkeypatch.setattr(storage_module, "SQLITE_BUSY_TIMEOUT_MS", 2000)  # a lock left held fails, not waits
     storage = open_storage(sqlite_url(tmp_path / "x.db"))
     study = optuna.create_study(study_name="s", storage=storage)
-    sent: list[str] = []
-
-    def interrupt(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith(after) and not sent:
-            sent.append(statement)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    sqlalchemy.event.listen(storage.engine, "after_cursor_execute", interrupt)
+    sent = ctrl_c_after(storage.engine, after)
     with signals_interrupt():
         try:
             study.set_user_attr("interrupted", True)
