@@ -349,6 +349,7 @@ def test_a_trial_taken_but_never_started_is_failed_and_retried(tmp_path: Path, t
     assert len(finished(study)) == 2 and not study.get_trials(states=(TrialState.RUNNING,))
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_an_interrupt_while_a_dead_trial_is_failed_waits_for_its_retry(tmp_path: Path) -> None:
     """Failing a dead worker's trial and queueing its retry are two writes: a Ctrl-C between them would leave
     the trial failed and its checkpoint never resumed."""
