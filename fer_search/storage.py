@@ -111,7 +111,7 @@ def engine_kwargs_for(url: str) -> dict[str, Any]:
                 "keepalives_idle": 30,
                 "keepalives_interval": 10,
                 "keepalives_count": 3,
-                # A query the server stopped answering fails within a minute, not after TCP's 15 of
+                # A query the server stopped answering fails within a minute, not after TCP's 15 minutes of
                 # retries: a Ctrl-C waits for the storage call in hand (processes.interrupts_deferred).
                 "tcp_user_timeout": 60_000,
             },
