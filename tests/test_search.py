@@ -353,14 +353,15 @@ def test_a_trial_taken_but_never_started_is_failed_and_retried(tmp_path: Path, t
 def test_an_interrupt_while_a_dead_trial_is_failed_waits_for_its_retry(tmp_path: Path) -> None:
     """Failing a dead worker's trial and queueing its retry are two writes: a Ctrl-C between them would leave
     the trial failed and its checkpoint never resumed."""
-    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = open_storage(url)
     study = optuna.create_study(study_name="s", storage=storage)
     study.ask()  # RUNNING and never started: its worker died before training it
     sent = ctrl_c_after(storage.engine, "UPDATE trials")  # the trial's state: FAIL
     with signals_interrupt(), pytest.raises(KeyboardInterrupt):
         search.fail_dead_trials(study, search.OrphanWatch(grace_period=0, retry=LoggedRetry(max_retry=1)))
     assert sent
-    states = [t.state for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db").trials]
+    states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
     storage.engine.dispose()
 
