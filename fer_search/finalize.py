@@ -665,7 +665,9 @@ def train_in_processes(
         while waiting or running:
             while waiting and len(running) < config.finalize.jobs:
                 job = waiting.pop(0)
-                process = ctx.Process(target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate))
+                process = ctx.Process(
+                    target=_seed_process, args=(config, job, epochs, runs_dir, queue, evaluate), name=job.label
+                )
                 with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
                     process.start()
                     running[job] = process

@@ -23,6 +23,12 @@ USER_ERROR = 2  # exit codes as the CLI's
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 TERMINATED = 143  # 128 + SIGTERM
 log = logging.getLogger("fer_search")
+# A stopping child saves its work in a second or two; its longest waits are storage calls on a locked
+# SQLite file (storage.SQLITE_BUSY_TIMEOUT_MS, 2 min) or a silent PostgreSQL server (tcp_user_timeout,
+# 1 min). Past this it is stuck (a hung driver call, say), and its command would wait for it without end.
+KILL_AFTER_S = 300.0
+FORCE_AFTER_S = 10.0  # after a further Ctrl-C: time enough for a child already saving to finish
+TELL_AFTER_S = 5.0  # a wait longer than this is told, so that a quiet terminal does not look hung
 
 
 class Terminated(KeyboardInterrupt):
@@ -212,24 +218,73 @@ def _terminate_when_parent_dies(label: str) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def stop_processes(procs: list[Any], drain: Callable[[], None], grace_s: float, sig: int = signal.SIGINT) -> None:
-    """`sig` (Ctrl-C's SIGINT, or SIGTERM) to the processes still running after `grace_s` seconds, then wait
-    for all to end.
+def stop_processes(
+    procs: list[Any],
+    drain: Callable[[], None],
+    grace_s: float,
+    sig: int = signal.SIGINT,
+    kill_after_s: float = KILL_AFTER_S,
+) -> None:
+    """`sig` (Ctrl-C's SIGINT, or SIGTERM) to the processes still running after `grace_s` seconds, SIGKILL to
+    those still running `kill_after_s` seconds after that, then wait for all to end.
 
-    `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end.
+    `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end. A
+    further interrupt of this process meanwhile (Ctrl-C, or SIGTERM after a Ctrl-C: a second SIGTERM is
+    ignored) brings the SIGKILL forward to FORCE_AFTER_S from then, and is raised once all have ended:
+    raised at once, it would leave them to Python's exit, which waits for them without end.
     """
-    deadline = time.monotonic() + grace_s
-    signalled = False
+    with interrupts_deferred():
+        _stop(procs, drain, grace_s, sig, kill_after_s)
+        for p in procs:
+            p.join()
+
+
+def _stop(procs: list[Any], drain: Callable[[], None], grace_s: float, sig: int, kill_after_s: float) -> None:
+    if _ended_within(procs, drain, grace_s):
+        return
+    for p in _running(procs):
+        os.kill(p.pid, sig)
+    told_s = min(TELL_AFTER_S, kill_after_s)
+    if _ended_within(procs, drain, told_s):
+        return
+    log.warning(
+        "waiting for %s to save its work and stop: killed (SIGKILL) in %.0f s if still running, %.0f s after "
+        "another Ctrl-C",
+        _names(_running(procs)),
+        kill_after_s - told_s,
+        FORCE_AFTER_S,
+    )
+    if _ended_within(procs, drain, kill_after_s - told_s, sooner_on_interrupt_s=FORCE_AFTER_S):
+        return
+    stuck = _running(procs)
+    log.warning("killing %s (SIGKILL): the work not saved by then is done again by the next run", _names(stuck))
+    for p in stuck:
+        p.kill()
+
+
+def _ended_within(
+    procs: list[Any], drain: Callable[[], None], seconds: float, sooner_on_interrupt_s: float | None = None
+) -> bool:
+    """Whether all of `procs` end within `seconds`, draining their queue meanwhile; with `sooner_on_interrupt_s`,
+    an interrupt deferred meanwhile cuts the wait to that many seconds from then."""
+    deadline = time.monotonic() + seconds
     while any(p.is_alive() for p in procs):
+        if sooner_on_interrupt_s is not None and _deferred is not None:
+            deadline = min(deadline, time.monotonic() + sooner_on_interrupt_s)
+            sooner_on_interrupt_s = None
+        if time.monotonic() >= deadline:
+            return False
         drain()
-        if not signalled and time.monotonic() >= deadline:
-            for p in procs:
-                if p.is_alive():
-                    os.kill(p.pid, sig)
-            signalled = True
         time.sleep(0.05)
-    for p in procs:
-        p.join()
+    return True
+
+
+def _running(procs: list[Any]) -> list[Any]:
+    return [p for p in procs if p.is_alive()]
+
+
+def _names(procs: list[Any]) -> str:
+    return ", ".join(p.name for p in procs)
 
 
 def stop_on_interrupt(procs: list[Any], drain: Callable[[], None], interrupt: KeyboardInterrupt) -> None:

@@ -445,7 +445,11 @@ def run_search(config: Config, progress: ProgressFn | None = None, command: str 
     procs: list[Any] = []  # the started ones
     with stopped_on_leaving_early(procs, _discarding(queue)):
         for i in range(k):
-            p = ctx.Process(target=_worker_process, args=(config, i, k, queue, progress is not None, log_level()))
+            p = ctx.Process(
+                target=_worker_process,
+                args=(config, i, k, queue, progress is not None, log_level()),
+                name=f"worker {i}",
+            )
             with signals_deferred():  # it imports torch with Ctrl-C held back, until run_child
                 p.start()
                 procs.append(p)

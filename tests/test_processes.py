@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from fer_search import processes
 from fer_search.errors import UserError
 from fer_search.processes import (
     INTERRUPTED,
@@ -26,6 +28,7 @@ from fer_search.processes import (
     raise_if_interrupted,
     run_child,
     signals_deferred,
+    signals_held,
     signals_interrupt,
     spawn_context,
     stop_on_interrupt,
@@ -87,6 +90,52 @@ def test_stop_processes_interrupts_those_still_running_after_the_grace() -> None
     stop_processes([sleeper], lambda: drained.append(1), grace_s=0.5)
     assert not sleeper.is_alive() and sleeper.exitcode != 0  # ended by the SIGINT, not by its sleep
     assert 0.5 <= time.monotonic() - started < 30 and drained
+
+
+def started_stuck(name: str) -> Any:
+    """A child where no Ctrl-C or SIGTERM reaches it, as one hung in a driver call: started with both
+    ignored, which it keeps (spawn execs a fresh Python, and exec keeps ignored signals ignored)."""
+    with signals_held():
+        child = spawn_context().Process(target=time.sleep, args=(60,), name=name)
+        child.start()
+    return child
+
+
+def test_a_child_that_does_not_stop_is_told_then_killed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stuck, it would keep its command waiting for ever, at Ctrl-C and at Python's exit."""
+    monkeypatch.setattr(processes, "TELL_AFTER_S", 0.2)
+    stuck = started_stuck("worker 1")
+    with caplog.at_level(logging.WARNING, logger="fer_search"):
+        stop_processes([stuck], lambda: None, grace_s=0.0, kill_after_s=1.0)
+    assert stuck.exitcode == -signal.SIGKILL
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "waiting for worker 1 to save its work and stop",
+        "killing worker 1 (SIGKILL)",
+    ]
+
+
+def test_a_child_that_stops_in_time_is_neither_told_nor_killed(caplog: pytest.LogCaptureFixture) -> None:
+    sleeper = spawn_context().Process(target=time.sleep, args=(60,), name="worker 0")
+    sleeper.start()
+    with caplog.at_level(logging.WARNING, logger="fer_search"):
+        stop_processes([sleeper], lambda: None, grace_s=0.0, sig=signal.SIGTERM)
+    assert sleeper.exitcode == -signal.SIGTERM and caplog.records == []
+
+
+def test_another_ctrl_c_while_waiting_kills_sooner_and_is_raised_once_all_have_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Raised at once, it would leave the children to Python's exit, which waits for them without end."""
+    monkeypatch.setattr(processes, "TELL_AFTER_S", 0.2)
+    monkeypatch.setattr(processes, "FORCE_AFTER_S", 0.5)
+    stuck = started_stuck("worker 0")
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), signals_interrupt():
+        stop_processes([stuck], lambda: None, grace_s=0.0, kill_after_s=120.0)
+    assert stuck.exitcode == -signal.SIGKILL and time.monotonic() - started < 60
 
 
 def test_sigterm_raises_terminated_inside_and_the_former_handler_comes_back() -> None:
