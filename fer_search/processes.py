@@ -23,9 +23,9 @@ USER_ERROR = 2  # exit codes as the CLI's
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 TERMINATED = 143  # 128 + SIGTERM
 log = logging.getLogger("fer_search")
-# A stopping child saves its work in a second or two; its longest waits are storage calls on a locked
-# SQLite file (storage.SQLITE_BUSY_TIMEOUT_MS, 2 min) or a silent PostgreSQL server (tcp_user_timeout,
-# 1 min). Past this it is stuck (a hung driver call, say), and its command would wait for it without end.
+# A stopping child saves its work in a second or two; one storage call waits at most 2 min on a locked
+# SQLite file (storage.SQLITE_BUSY_TIMEOUT_MS) or 1 min on a silent PostgreSQL server (tcp_user_timeout).
+# Past this it is stuck (a hung driver call, say), and its command would wait for it without end.
 KILL_AFTER_S = 300.0
 FORCE_AFTER_S = 10.0  # after a further Ctrl-C: time enough for a child already saving to finish
 TELL_AFTER_S = 5.0  # a wait longer than this is told, so that a quiet terminal does not look hung
@@ -223,60 +223,68 @@ def stop_processes(
     drain: Callable[[], None],
     grace_s: float,
     sig: int = signal.SIGINT,
-    kill_after_s: float = KILL_AFTER_S,
+    kill_after_s: float | None = None,
 ) -> None:
     """`sig` (Ctrl-C's SIGINT, or SIGTERM) to the processes still running after `grace_s` seconds, SIGKILL to
-    those still running `kill_after_s` seconds after that, then wait for all to end.
+    those still running `kill_after_s` (KILL_AFTER_S) seconds after that, then wait for all to end.
 
     `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end. A
     further interrupt of this process meanwhile (Ctrl-C, or SIGTERM after a Ctrl-C: a second SIGTERM is
     ignored) brings the SIGKILL forward to FORCE_AFTER_S from then, and is raised once all have ended:
     raised at once, it would leave them to Python's exit, which waits for them without end.
     """
+    kill_after_s = KILL_AFTER_S if kill_after_s is None else kill_after_s
     with interrupts_deferred():
-        _stop(procs, drain, grace_s, sig, kill_after_s)
-        for p in procs:
-            p.join()
+        _wait_for_killed(_killed_unless_ended(procs, drain, grace_s, sig, kill_after_s))
 
 
-def _stop(procs: list[Any], drain: Callable[[], None], grace_s: float, sig: int, kill_after_s: float) -> None:
-    if _ended_within(procs, drain, grace_s):
-        return
-    for p in _running(procs):
-        os.kill(p.pid, sig)
-    told_s = min(TELL_AFTER_S, kill_after_s)
-    if _ended_within(procs, drain, told_s):
-        return
-    log.warning(
-        "waiting for %s to save its work and stop: killed (SIGKILL) in %.0f s if still running, %.0f s after "
-        "another Ctrl-C",
-        _names(_running(procs)),
-        kill_after_s - told_s,
-        FORCE_AFTER_S,
-    )
-    if _ended_within(procs, drain, kill_after_s - told_s, sooner_on_interrupt_s=FORCE_AFTER_S):
-        return
-    stuck = _running(procs)
-    log.warning("killing %s (SIGKILL): the work not saved by then is done again by the next run", _names(stuck))
-    for p in stuck:
-        p.kill()
-
-
-def _ended_within(
-    procs: list[Any], drain: Callable[[], None], seconds: float, sooner_on_interrupt_s: float | None = None
-) -> bool:
-    """Whether all of `procs` end within `seconds`, draining their queue meanwhile; with `sooner_on_interrupt_s`,
-    an interrupt deferred meanwhile cuts the wait to that many seconds from then."""
-    deadline = time.monotonic() + seconds
-    while any(p.is_alive() for p in procs):
-        if sooner_on_interrupt_s is not None and _deferred is not None:
-            deadline = min(deadline, time.monotonic() + sooner_on_interrupt_s)
-            sooner_on_interrupt_s = None
-        if time.monotonic() >= deadline:
-            return False
+def _killed_unless_ended(
+    procs: list[Any], drain: Callable[[], None], grace_s: float, sig: int, kill_after_s: float
+) -> list[Any]:
+    """Wait for `procs` to end, draining their queue: `sig` after `grace_s`, a warning TELL_AFTER_S after
+    that, SIGKILL `kill_after_s` after the signal (sooner after a further interrupt); those killed."""
+    signal_at = time.monotonic() + grace_s
+    tell_at, kill_at = signal_at + TELL_AFTER_S, signal_at + kill_after_s
+    signalled = told = forced = False
+    while running := _running(procs):
+        now = time.monotonic()
+        if _deferred is not None and not forced:  # a further interrupt, deferred by stop_processes
+            kill_at, forced = min(kill_at, now + FORCE_AFTER_S), True
+        if not signalled and now >= signal_at:
+            for p in running:
+                os.kill(p.pid, sig)
+            signalled = True
+        elif signalled and now >= kill_at:
+            log.warning(
+                "killing %s (SIGKILL): as after kill -9, the work not saved is picked up later (a trial once "
+                "its heartbeat is a grace period old)",
+                _names(running),
+            )
+            for p in running:
+                p.kill()
+            return running
+        elif signalled and not told and now >= tell_at:
+            hint = "" if forced else f", {FORCE_AFTER_S:.0f} s after a Ctrl-C"
+            log.warning(
+                "waiting for %s to save and stop: killed (SIGKILL) in %.0f s if still running%s",
+                _names(running),
+                kill_at - now,
+                hint,
+            )
+            told = True
         drain()
         time.sleep(0.05)
-    return True
+    return []
+
+
+def _wait_for_killed(killed: list[Any]) -> None:
+    """Wait a while for killed processes, without draining their queue (one killed mid-message left a
+    part that a read would wait on for ever); one still there is stuck in the kernel, and told."""
+    deadline = time.monotonic() + FORCE_AFTER_S
+    for p in killed:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    if stuck := _running(killed):
+        log.warning("%s did not end even at SIGKILL (stuck in the kernel); not waiting for it", _names(stuck))
 
 
 def _running(procs: list[Any]) -> list[Any]:
@@ -292,11 +300,17 @@ def stop_on_interrupt(procs: list[Any], drain: Callable[[], None], interrupt: Ke
 
     SIGTERM at once (a child that got it too ignores a second); Ctrl-C's SIGINT to those still running
     after 2 s: from a terminal every child got the Ctrl-C too, and a second one would cut its requeue short.
+    A further interrupt meanwhile has served once it brought the SIGKILL forward: the caller raises
+    `interrupt` again, unless the further one is a SIGTERM (after a Ctrl-C), which the exit code then says.
     """
-    if isinstance(interrupt, Terminated):
-        stop_processes(procs, drain, 0.0, signal.SIGTERM)
-    else:
-        stop_processes(procs, drain, 2.0, signal.SIGINT)
+    try:
+        if isinstance(interrupt, Terminated):
+            stop_processes(procs, drain, 0.0, signal.SIGTERM)
+        else:
+            stop_processes(procs, drain, 2.0, signal.SIGINT)
+    except KeyboardInterrupt as further:
+        if isinstance(further, Terminated):
+            raise
 
 
 @contextmanager

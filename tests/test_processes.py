@@ -111,7 +111,7 @@ def test_a_child_that_does_not_stop_is_told_then_killed(
         stop_processes([stuck], lambda: None, grace_s=0.0, kill_after_s=1.0)
     assert stuck.exitcode == -signal.SIGKILL
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-        "waiting for worker 1 to save its work and stop",
+        "waiting for worker 1 to save and stop",
         "killing worker 1 (SIGKILL)",
     ]
 
@@ -124,18 +124,31 @@ def test_a_child_that_stops_in_time_is_neither_told_nor_killed(caplog: pytest.Lo
     assert sleeper.exitcode == -signal.SIGTERM and caplog.records == []
 
 
-def test_another_ctrl_c_while_waiting_kills_sooner_and_is_raised_once_all_have_ended(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("first", "further", "raised"),
+    [
+        (KeyboardInterrupt(), signal.SIGINT, None),
+        (Terminated(), signal.SIGINT, None),  # 143 stays 143: the caller raises the first again
+        (KeyboardInterrupt(), signal.SIGTERM, Terminated),  # 143, as when either was a SIGTERM
+    ],
+)
+def test_a_further_interrupt_while_waiting_kills_sooner_and_is_raised_once_all_have_ended(
+    monkeypatch: pytest.MonkeyPatch, first: KeyboardInterrupt, further: signal.Signals, raised: type | None
 ) -> None:
-    """Raised at once, it would leave the children to Python's exit, which waits for them without end."""
-    monkeypatch.setattr(processes, "TELL_AFTER_S", 0.2)
+    """Raised at once, it would leave the children to Python's exit, which waits for them without end.
+    Sent inside Ctrl-C's 2 s grace, as a user pressing Ctrl-C twice does."""
     monkeypatch.setattr(processes, "FORCE_AFTER_S", 0.5)
     stuck = started_stuck("worker 0")
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt), signals_interrupt():
-        stop_processes([stuck], lambda: None, grace_s=0.0, kill_after_s=120.0)
-    assert stuck.exitcode == -signal.SIGKILL and time.monotonic() - started < 60
+    with signals_interrupt():
+        threading.Timer(0.5, os.kill, (os.getpid(), further)).start()
+        try:
+            stop_on_interrupt([stuck], lambda: None, first)
+        except KeyboardInterrupt as e:
+            assert type(e) is raised
+        else:
+            assert raised is None
+    assert stuck.exitcode == -signal.SIGKILL and time.monotonic() - started < 60  # not KILL_AFTER_S
 
 
 def test_sigterm_raises_terminated_inside_and_the_former_handler_comes_back() -> None:
