@@ -49,14 +49,14 @@ _deferred: type[KeyboardInterrupt] | None = None  # the interrupt such a block r
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
     global _raised, _deferred
-    _raised = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-    if _raised is Terminated:
+    # Once a SIGTERM came, a later Ctrl-C raises Terminated too: the exit code says 143 whatever followed.
+    _raised = Terminated if signum == signal.SIGTERM or _raised is Terminated else KeyboardInterrupt
+    if signum == signal.SIGTERM:
         # Ignored from now on: a second SIGTERM (sent to the process group as well as to this process,
         # or forwarded by a parent) must not cut short the saving the first one started.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if _deferring:
-        if _deferred is not Terminated:  # a Ctrl-C after SIGTERM must not make the exit code 130
-            _deferred = _raised
+        _deferred = _raised
         return
     _deferred = None  # raised now: never again on leaving a block
     raise _raised
@@ -300,17 +300,11 @@ def stop_on_interrupt(procs: list[Any], drain: Callable[[], None], interrupt: Ke
 
     SIGTERM at once (a child that got it too ignores a second); Ctrl-C's SIGINT to those still running
     after 2 s: from a terminal every child got the Ctrl-C too, and a second one would cut its requeue short.
-    A further interrupt meanwhile has served once it brought the SIGKILL forward: the caller raises
-    `interrupt` again, unless the further one is a SIGTERM (after a Ctrl-C), which the exit code then says.
     """
-    try:
-        if isinstance(interrupt, Terminated):
-            stop_processes(procs, drain, 0.0, signal.SIGTERM)
-        else:
-            stop_processes(procs, drain, 2.0, signal.SIGINT)
-    except KeyboardInterrupt as further:
-        if isinstance(further, Terminated):
-            raise
+    if isinstance(interrupt, Terminated):
+        stop_processes(procs, drain, 0.0, signal.SIGTERM)
+    else:
+        stop_processes(procs, drain, 2.0, signal.SIGINT)
 
 
 @contextmanager

@@ -127,13 +127,13 @@ def test_a_child_that_stops_in_time_is_neither_told_nor_killed(caplog: pytest.Lo
 @pytest.mark.parametrize(
     ("first", "further", "raised"),
     [
-        (KeyboardInterrupt(), signal.SIGINT, None),
-        (Terminated(), signal.SIGINT, None),  # 143 stays 143: the caller raises the first again
-        (KeyboardInterrupt(), signal.SIGTERM, Terminated),  # 143, as when either was a SIGTERM
+        (signal.SIGINT, signal.SIGINT, KeyboardInterrupt),
+        (signal.SIGTERM, signal.SIGINT, Terminated),  # 143 stays 143
+        (signal.SIGINT, signal.SIGTERM, Terminated),  # 143, as when either was a SIGTERM
     ],
 )
 def test_a_further_interrupt_while_waiting_kills_sooner_and_is_raised_once_all_have_ended(
-    monkeypatch: pytest.MonkeyPatch, first: KeyboardInterrupt, further: signal.Signals, raised: type | None
+    monkeypatch: pytest.MonkeyPatch, first: signal.Signals, further: signal.Signals, raised: type
 ) -> None:
     """Raised at once, it would leave the children to Python's exit, which waits for them without end.
     Sent inside Ctrl-C's 2 s grace, as a user pressing Ctrl-C twice does."""
@@ -141,13 +141,12 @@ def test_a_further_interrupt_while_waiting_kills_sooner_and_is_raised_once_all_h
     stuck = started_stuck("worker 0")
     started = time.monotonic()
     with signals_interrupt():
+        with pytest.raises(KeyboardInterrupt) as stopped:  # the parent's first interrupt
+            signal.raise_signal(first)
         threading.Timer(0.5, os.kill, (os.getpid(), further)).start()
-        try:
-            stop_on_interrupt([stuck], lambda: None, first)
-        except KeyboardInterrupt as e:
-            assert type(e) is raised
-        else:
-            assert raised is None
+        with pytest.raises(KeyboardInterrupt) as ended:
+            stop_on_interrupt([stuck], lambda: None, stopped.value)
+    assert type(ended.value) is raised
     assert stuck.exitcode == -signal.SIGKILL and time.monotonic() - started < 60  # not KILL_AFTER_S
 
 
