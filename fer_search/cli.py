@@ -160,8 +160,10 @@ def run(
             outcome = run_search(cfg, bars, command_line(click.get_current_context()))
     except KeyboardInterrupt as e:
         click.echo(
-            f"\n{_interrupted(e)}: the study is saved; each interrupted trial is queued again and resumes from its "
-            f"last checkpoint, if it wrote one.\nresume with: {command_line(click.get_current_context())}",
+            # Not "queued again": a worker killed at the end (above, if so) left its trial to be retried as stale.
+            f"\n{_interrupted(e)}: the study is saved; each interrupted trial continues from its last checkpoint, "
+            f"if it wrote one, in the next run (a killed worker's, once its heartbeat is a grace period old)."
+            f"\nresume with: {command_line(click.get_current_context())}",
             err=True,
         )
         sys.exit(exit_code(e))

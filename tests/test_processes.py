@@ -81,10 +81,15 @@ def test_work_that_ends_well_sends_nothing() -> None:
     assert box == []
 
 
+def started_sleeper(name: str = "sleeper") -> Any:
+    """A child that sleeps a minute unless a signal ends it: one at work, as far as stopping goes."""
+    child = spawn_context().Process(target=time.sleep, args=(60,), name=name)
+    child.start()
+    return child
+
+
 def test_stop_processes_interrupts_those_still_running_after_the_grace() -> None:
-    ctx = spawn_context()
-    sleeper = ctx.Process(target=time.sleep, args=(60,))
-    sleeper.start()
+    sleeper = started_sleeper()
     drained: list[int] = []
     started = time.monotonic()
     stop_processes([sleeper], lambda: drained.append(1), grace_s=0.5)
@@ -96,9 +101,7 @@ def started_stuck(name: str) -> Any:
     """A child where no Ctrl-C or SIGTERM reaches it, as one hung in a driver call: started with both
     ignored, which it keeps (spawn execs a fresh Python, and exec keeps ignored signals ignored)."""
     with signals_held():
-        child = spawn_context().Process(target=time.sleep, args=(60,), name=name)
-        child.start()
-    return child
+        return started_sleeper(name)
 
 
 def test_a_child_that_does_not_stop_is_told_then_killed(
@@ -117,8 +120,7 @@ def test_a_child_that_does_not_stop_is_told_then_killed(
 
 
 def test_a_child_that_stops_in_time_is_neither_told_nor_killed(caplog: pytest.LogCaptureFixture) -> None:
-    sleeper = spawn_context().Process(target=time.sleep, args=(60,), name="worker 0")
-    sleeper.start()
+    sleeper = started_sleeper("worker 0")
     with caplog.at_level(logging.WARNING, logger="fer_search"):
         stop_processes([sleeper], lambda: None, grace_s=0.0, sig=signal.SIGTERM)
     assert sleeper.exitcode == -signal.SIGTERM and caplog.records == []
@@ -221,8 +223,7 @@ def test_children_ended_by_a_signal_end_their_parent_the_same_way() -> None:
 
 def test_a_sigterm_is_passed_on_at_once() -> None:
     """docker stop and Kubernetes signal the parent alone; its children must get the SIGTERM too."""
-    sleeper = spawn_context().Process(target=time.sleep, args=(60,))
-    sleeper.start()
+    sleeper = started_sleeper()
     started = time.monotonic()
     stop_on_interrupt([sleeper], lambda: None, Terminated())
     assert sleeper.exitcode == -signal.SIGTERM and time.monotonic() - started < 2  # no Ctrl-C grace
