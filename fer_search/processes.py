@@ -223,17 +223,16 @@ def stop_processes(
     drain: Callable[[], None],
     grace_s: float,
     sig: int = signal.SIGINT,
-    kill_after_s: float | None = None,
+    kill_after_s: float = KILL_AFTER_S,
 ) -> None:
     """`sig` (Ctrl-C's SIGINT, or SIGTERM) to the processes still running after `grace_s` seconds, SIGKILL to
-    those still running `kill_after_s` (KILL_AFTER_S) seconds after that, then wait for all to end.
+    those still running `kill_after_s` seconds after that, then wait for all to end.
 
     `drain` empties their message queue meanwhile: a process blocked on a full pipe would never end. A
     further interrupt of this process meanwhile (Ctrl-C, or SIGTERM after a Ctrl-C: a second SIGTERM is
     ignored) brings the SIGKILL forward to FORCE_AFTER_S from then, and is raised once all have ended:
     raised at once, it would leave them to Python's exit, which waits for them without end.
     """
-    kill_after_s = KILL_AFTER_S if kill_after_s is None else kill_after_s
     with interrupts_deferred():
         _wait_for_killed(_killed_unless_ended(procs, drain, grace_s, sig, kill_after_s))
 
