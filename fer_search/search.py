@@ -78,10 +78,10 @@ def run_worker(
             config,
             storage,
             study_record(config, data.fingerprints),
-            make_sampler(run.seed, worker_index),
             make_pruner(config.pruner, run.epochs),
             command,
         )
+        study.sampler = make_sampler(run.seed, worker_index, len(study.get_trials(deepcopy=False)))
         retry = storage.get_heartbeat_stale_trial_callback()
         if progress is not None:
             progress(StudyCount(count_trials(study).finished, run.trials))

@@ -77,7 +77,6 @@ def ensure_study(
     config: Config,
     storage: optuna.storages.BaseStorage,
     record: dict[str, Any],
-    sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     command: str | None = None,
 ) -> optuna.Study:
@@ -90,12 +89,12 @@ def ensure_study(
     name = config.study.name
     try:
         study = optuna.create_study(
-            study_name=name, storage=storage, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=False
+            study_name=name, storage=storage, direction="maximize", pruner=pruner, load_if_exists=False
         )
         _set_up(study, config, record, command)
         return study
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
     # Joiners of a creator that died time out at random moments, so the first to finish the setup
     # is usually seen by the others (whose check for a baseline comes after), not raced by them.
     if not _wait_until_ready(study, config.run.ready_timeout_s * (1 + random.random())):
@@ -178,13 +177,16 @@ def _incompatible(stored: Any, current: Any) -> bool:
     return False
 
 
-def make_sampler(base_seed: int, worker_index: int) -> optuna.samplers.TPESampler:
-    """TPE seeded per worker so that no two workers, here or on other hosts, draw in lock-step.
+def make_sampler(base_seed: int, worker_index: int, trials_so_far: int) -> optuna.samplers.TPESampler:
+    """TPE seeded per worker so that no two workers, here or on other hosts, draw in lock-step, and by
+    the number of trials the study held when the worker joined it, so that a re-run does not draw
+    again what the first run drew (seeded alike, its random start-up trials would repeat them).
 
     Optuna 5's TPE defaults are multivariate with constant liar; group=True models the
     conditional parameters (dropout rates that exist only for some patterns) separately.
     """
-    return optuna.samplers.TPESampler(seed=seed_of(f"{base_seed}/{socket.gethostname()}/{worker_index}"), group=True)
+    key = f"{base_seed}/{socket.gethostname()}/{worker_index}/{trials_so_far}"
+    return optuna.samplers.TPESampler(seed=seed_of(key), group=True)
 
 
 def make_pruner(config: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
 import re
@@ -72,6 +73,8 @@ def test_run_rerun_extend(tmp_path: Path, tiny_fer: Path) -> None:
     study = load(tmp_path)
     assert len(finished(study)) == 5
     assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+    # The second run's sampler did not replay the first run's draws.
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 5, [t.params for t in study.trials]
 
 
 def test_timeout_stops_taking_trials(tmp_path: Path, tiny_fer: Path) -> None:

@@ -62,14 +62,16 @@ def test_the_pruner_is_the_one_configured(kind: str, patience: int, expected: ty
     assert type(study_module.make_pruner(config, epochs=30)) is expected
 
 
-def test_samplers_of_different_workers_draw_differently() -> None:
-    draws = []
-    for worker in (0, 1):
-        study = optuna.create_study(sampler=study_module.make_sampler(0, worker))
-        draws.append([study.ask().suggest_float("x", 0, 1) for _ in range(3)])
-    assert draws[0] != draws[1]
-    again = optuna.create_study(sampler=study_module.make_sampler(0, 0))
-    assert [again.ask().suggest_float("x", 0, 1) for _ in range(3)] == draws[0]  # seeded: reproducible
+def draws(sampler: optuna.samplers.BaseSampler) -> list[float]:
+    study = optuna.create_study(sampler=sampler)
+    return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
+
+
+def test_samplers_of_different_workers_and_later_runs_draw_differently() -> None:
+    first = draws(study_module.make_sampler(0, worker_index=0, trials_so_far=1))
+    assert draws(study_module.make_sampler(0, worker_index=1, trials_so_far=1)) != first
+    assert draws(study_module.make_sampler(0, worker_index=0, trials_so_far=3)) != first  # a re-run
+    assert draws(study_module.make_sampler(0, worker_index=0, trials_so_far=1)) == first  # seeded: reproducible
 
 
 @pytest.mark.parametrize("kind, pruned", [("median", False), ("percentile", True)])
