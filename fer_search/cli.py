@@ -86,6 +86,11 @@ storage_option = _env_option(
 )
 data_option = _env_option("--data", type=click.Path(path_type=Path), help="FER2013 folder or fer2013.csv (data.path)")
 device_option = _env_option("--device", help="auto, cpu, cuda or cuda:K")
+artifacts_option = _env_option(
+    "--artifacts",
+    type=click.Path(path_type=Path),
+    help="artifact store folder, shared by all workers (study.artifacts)",
+)
 
 
 def verbosity_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,6 +109,7 @@ def _set_verbosity(quiet: bool, verbose: bool) -> None:
 @click.option("--trials", type=int, help="the study's total of finished trials, across all workers")
 @study_option
 @storage_option
+@artifacts_option
 @data_option
 @config_option
 @click.option("--epochs", type=int, help="most epochs per trial (stored in the study)")
@@ -120,6 +126,7 @@ def run(
     trials: int | None,
     study: str | None,
     storage: str | None,
+    artifacts: Path | None,
     data: Path | None,
     config: Path | None,
     epochs: int | None,
@@ -144,6 +151,7 @@ def run(
             "run.trials": trials,
             "study.name": study,
             "study.storage": storage,
+            "study.artifacts": artifacts,
             "data.path": data,
             "run.epochs": epochs,
             "run.device": device,
@@ -237,7 +245,7 @@ def _trial_counts(doc: dict[str, Any]) -> str:
 
 @main.command()
 @storage_option
-@_env_option("--artifacts", type=click.Path(path_type=Path), help="artifact store folder (study.artifacts)")
+@artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @config_option
@@ -258,6 +266,7 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 @main.command()
 @study_option
 @storage_option
+@artifacts_option
 @data_option
 @config_option
 @click.option("--epochs", type=int, help="epochs per retraining (default: the study's)")
@@ -274,6 +283,7 @@ def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int,
 def finalize(
     study: str | None,
     storage: str | None,
+    artifacts: Path | None,
     data: Path | None,
     config: Path | None,
     epochs: int | None,
@@ -300,6 +310,7 @@ def finalize(
         **{
             "study.name": study,
             "study.storage": storage,
+            "study.artifacts": artifacts,
             "data.path": data,
             "finalize.epochs": epochs,
             "finalize.seeds": seeds,

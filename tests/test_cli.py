@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 
 from fer_search.cli import main
 from fer_search.data import CLASSES
+from fer_search.errors import UserError
 
 
 def invoke(*args: object) -> tuple[int, str]:
@@ -106,6 +108,31 @@ def test_the_environment_names_the_config_file(tmp_path: Path, monkeypatch: pyte
     assert code == 0 and output.startswith("study fleet:"), output
     monkeypatch.setenv("FER_SEARCH_CONFIG", str(tmp_path / "nope.toml"))
     assert_one_line_error(*invoke("status"), "FER_SEARCH_CONFIG", "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "command, module, function",
+    [
+        ("run", "search", "run_search"),
+        ("finalize", "finalize", "finalize_study"),
+        ("dashboard", "storage", "serve_dashboard"),
+    ],
+)
+def test_every_command_that_uses_the_artifact_store_takes_it_from_the_environment(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, module: str, function: str
+) -> None:
+    """A fleet sets FER_SEARCH_ARTIFACTS once: workers write checkpoints where the others and the dashboard look."""
+    seen: list[Path] = []
+
+    def called(*args: Any, **kwargs: Any) -> None:
+        seen.append(args[1] if command == "dashboard" else args[0].study.artifacts)  # (url, artifacts) or (config)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(f"fer_search.{module}.{function}", called)
+    monkeypatch.setenv("FER_SEARCH_ARTIFACTS", str(tmp_path / "shared"))
+    assert_one_line_error(*invoke(command, "--config", config), "stopped here")
+    assert_one_line_error(*invoke(command, "--config", config, "--artifacts", tmp_path / "flag"), "stopped here")
+    assert seen == [tmp_path / "shared", tmp_path / "flag"]  # the flag wins
 
 
 @pytest.mark.parametrize(
