@@ -247,7 +247,8 @@ def _trial_counts(doc: dict[str, Any]) -> str:
 @storage_option
 @artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+# Not 0 ("any free port"): optuna-dashboard would not say which one it took.
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @config_option
 def dashboard(storage: str | None, artifacts: Path | None, host: str, port: int, config: Path | None) -> None:
     """optuna-dashboard on the study's storage and artifact store."""

@@ -268,6 +268,12 @@ def test_dashboard_on_a_taken_port_exits_2(tmp_path: Path) -> None:
     assert_one_line_error(result.exit_code, result.output, f"127.0.0.1:{port}", "--port")
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "0"])
+def test_dashboard_on_an_impossible_port_is_a_usage_error(tmp_path: Path, port: str) -> None:
+    code, output = invoke("dashboard", "--storage", f"sqlite:///{tmp_path}/none.db", "--port", port)
+    assert code == 2 and f"'--port': {port} is not in the range" in output and "Traceback" not in output, output
+
+
 @pytest.mark.parametrize("command", [["status"], ["dashboard"], ["finalize"]])
 def test_a_mistyped_sqlite_path_is_not_created(tmp_path: Path, command: list[str]) -> None:
     (tmp_path / "search.toml").write_text("")
