@@ -47,12 +47,21 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def write_file(path: Path, content: bytes) -> None:
-    """Write a file users keep (model, metrics, reports) atomically, its folder created; UserError naming it."""
+    """Write a file users keep (model, metrics, reports, an export) atomically, its folder created;
+    UserError naming it.
+
+    A symbolic link is written through, to the file it names, and a FIFO or a device (`--out /dev/stdout`)
+    is written into: the rename of an atomic write would replace the link or the device with a plain file.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: f.write(content))
-    except OSError as error:
-        raise UserError(f"{path}: cannot write ({error.strerror or type(error).__name__})") from None
+        target = path.resolve()
+        if target.exists() and not target.is_file() and not target.is_dir():
+            target.write_bytes(content)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, lambda f: f.write(content))
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symbolic link loop, before Python 3.13
+        raise UserError(f"{path}: cannot write ({_reason(error, path.parent)})") from None
 
 
 def made_folder(path: Path, what: str) -> Path:
@@ -61,11 +70,22 @@ def made_folder(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"{path}: cannot create the {what} folder ({error.strerror or type(error).__name__})") from None
+        raise UserError(f"{path}: cannot create the {what} folder ({_reason(error, path)})") from None
     if not may_write(path):
         raise UserError(f"{path}: cannot write to the {what} folder (permission denied)")
     remove_dead_temporaries(path)
     return path
+
+
+def _reason(error: Exception, folder: Path) -> str:
+    """Why `folder` could not be made or written in: a file standing where it or a parent should be, else
+    what the system said ("File exists" alone would not say which)."""
+    for place in (folder, *folder.parents):
+        if os.path.exists(place):  # os.path's tests never raise, here in an error's explanation
+            if not os.path.isdir(place):
+                return f"{place} is a file, not a folder"
+            break
+    return error.strerror or type(error).__name__ if isinstance(error, OSError) else str(error)
 
 
 def may_write(folder: Path) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -51,12 +53,39 @@ def test_write_file_creates_its_folder(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
 
 
-def test_write_file_names_the_path_it_cannot_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("inside", ["", "seed-1"])
+def test_write_file_names_the_path_it_cannot_write_and_the_file_in_the_way(tmp_path: Path, inside: str) -> None:
     (tmp_path / "final").write_text("a file where the folder should be")
-    path = tmp_path / "final" / "model.pt"
-    with pytest.raises(UserError, match=re.escape(f"{path}: cannot write (File exists)")) as error:
+    path = tmp_path / "final" / inside / "model.pt"
+    with pytest.raises(
+        UserError, match=re.escape(f"{path}: cannot write ({tmp_path / 'final'} is a file, not a folder)")
+    ) as error:
         write_file(path, b"weights")
     assert "\n" not in str(error.value)
+
+
+def test_write_file_writes_through_a_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "trials.csv").symlink_to(tmp_path / "kept" / "trials.csv")
+    write_file(tmp_path / "trials.csv", b"number,value\n")
+    assert (tmp_path / "trials.csv").is_symlink()
+    assert (tmp_path / "kept" / "trials.csv").read_bytes() == b"number,value\n"
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match=re.escape(f"{loop}: cannot write (")):
+        write_file(loop, b"number,value\n")
+
+
+def test_write_file_writes_into_a_fifo_rather_than_replacing_it(tmp_path: Path) -> None:
+    """As into /dev/stdout: a rename would put a plain file where the pipe or the device was."""
+    fifo = tmp_path / "trials.csv"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()), daemon=True)  # daemon: fails, not hangs
+    reader.start()
+    write_file(fifo, b"number,value\n")
+    reader.join(timeout=10)
+    assert read == [b"number,value\n"] and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_write_file_names_the_error_type_where_the_os_gives_no_reason(
@@ -80,7 +109,8 @@ def test_made_folder_creates_and_returns_the_folder(tmp_path: Path) -> None:
 def test_made_folder_names_a_folder_it_cannot_create(tmp_path: Path) -> None:
     (tmp_path / "studies").write_text("a file where the folder should be")
     path = tmp_path / "studies" / "cache"
-    with pytest.raises(UserError, match=re.escape(f"{path}: cannot create the cache folder (Not a directory)")):
+    in_the_way = f"{tmp_path / 'studies'} is a file, not a folder"
+    with pytest.raises(UserError, match=re.escape(f"{path}: cannot create the cache folder ({in_the_way})")):
         made_folder(path, "cache")
 
 
