@@ -14,7 +14,7 @@ from fer_search.files import sha256_json, write_atomically
 from fer_search.sources import CLASSES, SIZE, Arrays, Source
 
 # Bump when the cache file's layout or the decoding changes: old entries then miss and are rebuilt.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: 16-bit gray PNGs scaled to 8 bits, no longer clipped
 
 
 def index_key(source: Source) -> str:

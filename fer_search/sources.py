@@ -84,12 +84,21 @@ def decode_image(raw: bytes, name: str) -> tuple[np.ndarray, bool]:
         try:
             image.load()
             converted = image.mode != "L" or image.size != (SIZE, SIZE)
-            gray = image.convert("L") if image.mode != "L" else image
+            gray = _gray(image)
             if gray.size != (SIZE, SIZE):
                 gray = gray.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
             return np.array(gray, dtype=np.uint8), converted
         except Exception as error:
             raise UserError(_damaged(name, error)) from None
+
+
+def _gray(image: Image.Image) -> Image.Image:
+    """`image` in 8-bit gray; 16-bit gray (a PNG's I;16, or I) scaled down by hand, as Pillow's convert("L")
+    clips it at 255 and turns a face white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
+    return image.convert("L") if image.mode != "L" else image
 
 
 def _opened_image(raw: bytes, name: str) -> ImageFile.ImageFile:

@@ -104,16 +104,16 @@ def test_stored_arrays_are_found_under_their_key_only(cache_dir: Path) -> None:
 def test_keys_name_the_layout_stamp_and_cache_version(monkeypatch: pytest.MonkeyPatch) -> None:
     csv_source = Source("csv", ("Training", 1234, 5678), never_decoded)
     # Existing caches are named by this spelling: changing it silently re-decodes every user's data.
-    assert index_key(csv_source) == sha256_json(["csv", 1, "Training", 1234, 5678])
-    assert index_key(Source("csv", ("PublicTest", 1234, 5678), never_decoded)) != index_key(csv_source)
-    monkeypatch.setattr(cache, "_CACHE_VERSION", 2)
     assert index_key(csv_source) == sha256_json(["csv", 2, "Training", 1234, 5678])
+    assert index_key(Source("csv", ("PublicTest", 1234, 5678), never_decoded)) != index_key(csv_source)
+    monkeypatch.setattr(cache, "_CACHE_VERSION", 3)
+    assert index_key(csv_source) == sha256_json(["csv", 3, "Training", 1234, 5678])
 
 
 def test_arrays_of_another_cache_version_miss(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache_dir.mkdir()
     store_arrays(cache_dir, KEY, tiny_arrays())
-    monkeypatch.setattr(cache, "_CACHE_VERSION", 2)
+    monkeypatch.setattr(cache, "_CACHE_VERSION", cache._CACHE_VERSION + 1)
     assert read_arrays(cache_dir, FINGERPRINT) is None
 
 

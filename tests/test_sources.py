@@ -112,6 +112,14 @@ def test_decode_image_converts_as_pil_does() -> None:
     assert not converted and np.array_equal(pixels, gray)
 
 
+def test_a_16_bit_gray_png_decodes_as_its_8_bit_twin() -> None:
+    """Pillow's convert("L") clips 16-bit values at 255: a face would turn white, and predict would answer for it."""
+    gray = np.random.default_rng(4).integers(0, 256, (48, 48), dtype=np.uint8)
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)  # the same face, each value spread over 16 bits
+    pixels, converted = decode_image(image_bytes(wide, "PNG"), "face16.png")
+    assert converted and np.array_equal(pixels, gray)
+
+
 def image_bytes(image: Image.Image, format: str) -> bytes:
     """An image encoded in memory."""
     buffer = io.BytesIO()
