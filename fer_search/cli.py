@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shlex
 import sys
@@ -34,6 +35,17 @@ class _Cli(click.Group):
         except KeyboardInterrupt as e:
             click.echo(f"\n{_interrupted(e)}", err=True)
             ctx.exit(exit_code(e))
+
+
+def _say(text: str, nl: bool = True) -> None:
+    """`text` on stdout. A full disk behind it is one line and exit 2; a closed pipe (`| head`) stays
+    click's quiet exit 1."""
+    try:
+        click.echo(text, nl=nl)
+    except OSError as error:
+        if error.errno == errno.EPIPE:
+            raise
+        raise UserError(f"standard output: cannot write ({error.strerror or type(error).__name__})") from None
 
 
 def _interrupted(interrupt: KeyboardInterrupt) -> str:
@@ -217,26 +229,24 @@ def status(study: str | None, storage: str | None, config: Path | None, as_json:
     cfg = _config(config, **{"study.name": study, "study.storage": storage})
     doc = study_status(load_existing_study(cfg.study.storage, cfg.study.name))
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        _say(json.dumps(doc, indent=2))
     else:
         _print_status(doc)
 
 
 def _print_status(doc: dict[str, Any]) -> None:
     running = f" ({doc['running_seconds'] / 60:.1f} in running trials)" if doc.get("running_seconds") else ""
-    click.echo(
+    _say(
         f"study {doc['study']}: {_trial_counts(doc) or 'no trials'}; {doc['seconds'] / 60:.1f} min of training{running}"
     )
     best, base = doc["best"], doc["baseline"]
     if best:
-        click.echo(f"best: trial {best['number']}, val_acc {accuracy_text(best['value'])}")
-        click.echo("  " + params_text(best["params"]))  # as the log lines give them
+        _say(f"best: trial {best['number']}, val_acc {accuracy_text(best['value'])}")
+        _say("  " + params_text(best["params"]))  # as the log lines give them
     if base:
-        click.echo(
-            f"baseline: trial {base['number']} ({base['state'].lower()}), val_acc {accuracy_text(base['value'])}"
-        )
+        _say(f"baseline: trial {base['number']} ({base['state'].lower()}), val_acc {accuracy_text(base['value'])}")
     elif doc.get("baseline_excluded"):
-        click.echo("baseline: not in this study ([space] excludes one of its values)")
+        _say("baseline: not in this study ([space] excludes one of its values)")
 
 
 def _trial_counts(doc: dict[str, Any]) -> str:
@@ -331,7 +341,7 @@ def finalize(
             summary = finalize_study(cfg, command_line(click.get_current_context()), shown)
     finally:
         shown.close()
-    click.echo(summary)
+    _say(summary)
 
 
 def _print_line(text: str) -> None:
@@ -359,10 +369,10 @@ def predict(
     loaded = load_model(model)
     for p in predict_images(loaded, list(images)):
         if as_json:
-            click.echo(json.dumps({"path": str(p.path), "label": p.label, "probs": p.probs}))
+            _say(json.dumps({"path": str(p.path), "label": p.label, "probs": p.probs}))
         else:
             top = ", ".join(f"{c} {v:.2f}" for c, v in sorted(p.probs.items(), key=lambda kv: -kv[1])[:3])
-            click.echo(f"{p.path}: {p.label}  ({top})")
+            _say(f"{p.path}: {p.label}  ({top})")
 
 
 @main.group()
@@ -382,12 +392,12 @@ def data_check(path: Path, config: Path | None, as_json: bool) -> None:
     cfg = _config(config)
     doc = check_data(path, cfg.data.cache_dir, val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed)
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        _say(json.dumps(doc, indent=2))
         return
-    click.echo(f"{path}: fingerprint {doc['fingerprint'][:16]}, {doc['converted']} images converted to 48x48 gray")
-    click.echo(f"{'split':<6}{'total':>7}" + "".join(f"{c:>10}" for c in CLASSES))
+    _say(f"{path}: fingerprint {doc['fingerprint'][:16]}, {doc['converted']} images converted to 48x48 gray")
+    _say(f"{'split':<6}{'total':>7}" + "".join(f"{c:>10}" for c in CLASSES))
     for split, s in doc["splits"].items():
-        click.echo(f"{split:<6}{s['total']:>7}" + "".join(f"{s['per_class'][c]:>10}" for c in CLASSES))
+        _say(f"{split:<6}{s['total']:>7}" + "".join(f"{s['per_class'][c]:>10}" for c in CLASSES))
 
 
 @main.command()
@@ -402,9 +412,9 @@ def studies(storage: str | None, config: Path | None, as_json: bool) -> None:
     cfg = _config(config, **{"study.storage": storage})
     docs = studies_status(open_existing_storage(cfg.study.storage))
     if as_json:
-        click.echo(json.dumps(docs, indent=2))
+        _say(json.dumps(docs, indent=2))
     elif not docs:
-        click.echo(f"no studies in {redacted(cfg.study.storage)} (start one with `fer-search run`)")
+        _say(f"no studies in {redacted(cfg.study.storage)} (start one with `fer-search run`)")
     else:
         _print_table(["study", "trials", "best val_acc", "baseline val_acc", "training"], [_study_row(d) for d in docs])
 
@@ -423,7 +433,7 @@ def _study_row(doc: dict[str, Any]) -> list[str]:
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        _say("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @main.command()
@@ -442,6 +452,6 @@ def export(study: str | None, storage: str | None, config: Path | None, fmt: str
     cfg = _config(config, **{"study.name": study, "study.storage": storage})
     text = export_trials(load_existing_study(cfg.study.storage, cfg.study.name), fmt)
     if out is None:
-        click.echo(text, nl=False)
+        _say(text, nl=False)
     else:
         write_file(out, text.encode())

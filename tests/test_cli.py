@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -252,6 +253,32 @@ def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_python_m_is_the_same_program() -> None:
     out = subprocess.run([sys.executable, "-m", "fer_search", "--help"], capture_output=True, text=True, check=True)
     assert all(cmd in out.stdout for cmd in ("run", "status", "dashboard", "finalize", "predict", "data"))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full, a device always full")
+@pytest.mark.parametrize("command", [["status"], ["export"], ["studies", "--json"]])
+def test_a_full_disk_behind_stdout_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="fer2013", storage=storage).enqueue_trial({"lr": 0.1})
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "fer_search", *command, "--storage", storage], stdout=full, stderr=subprocess.PIPE
+        )
+    assert_one_line_error(done.returncode, done.stderr.decode(), "standard output", "No space left on device")
+
+
+def test_a_closed_pipe_behind_stdout_ends_quietly(tmp_path: Path) -> None:
+    """As `fer-search export | head -1` once head has gone: click's quiet exit 1, no error line."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="fer2013", storage=storage)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        command = [sys.executable, "-m", "fer_search", "export", "--storage", storage]
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, b"")
 
 
 def test_dashboard_on_a_taken_port_exits_2(tmp_path: Path) -> None:
