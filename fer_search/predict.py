@@ -136,6 +136,8 @@ def save_model(
 def load_model(path: Path | str) -> LoadedModel:
     """A finalized model, without the study or the config; refuses files that would run code."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a model file (finalize writes <its --out>/model.pt)")
     if not path.is_file():
         raise UserError(f"model file not found: {path} (`fer-search finalize` writes one)")
     try:

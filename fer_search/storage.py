@@ -486,6 +486,8 @@ def open_existing_storage(url: str) -> RDBStorage:
     path = sqlite_path(url)
     if path is None:
         return open_storage(url)
+    if path.is_dir():
+        raise UserError(f"storage {url}: {path} is a folder, not a database file")
     if not path.is_file():
         raise UserError(
             f"storage {url}: no such database file (start a study with `fer-search run`, or give --storage / --config)"

@@ -95,6 +95,13 @@ def test_model_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
         load_model(garbage)
 
 
+def test_a_folder_given_as_the_model_is_named_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"{tmp_path}: a folder, not a model file"):
+        load_model(tmp_path)
+    with pytest.raises(UserError, match="model file not found: .*nope.pt"):
+        load_model(tmp_path / "nope.pt")
+
+
 @pytest.mark.parametrize(
     "doc, message",
     [

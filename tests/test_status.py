@@ -232,6 +232,11 @@ def test_studies_on_a_missing_sqlite_file_is_status_s_one_line(tmp_path: Path) -
         and "no such database file" in studies.output
     )
     assert not (tmp_path / "typo").exists()
+    a_folder = cli("status", "--config", empty_config(tmp_path), "--storage", f"sqlite:///{tmp_path}")
+    assert (
+        a_folder.exit_code == 2
+        and a_folder.output == f"error: storage sqlite:///{tmp_path}: {tmp_path} is a folder, not a database file\n"
+    )
 
 
 @pytest.fixture(scope="module")
