@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -50,18 +51,31 @@ def write_file(path: Path, content: bytes) -> None:
     """Write a file users keep (model, metrics, reports, an export) atomically, its folder created;
     UserError naming it.
 
-    A symbolic link is written through, to the file it names, and a FIFO or a device (`--out /dev/stdout`)
-    is written into: the rename of an atomic write would replace the link or the device with a plain file.
+    A symbolic link is written through, to the file it names, and a FIFO or a device (`--out /dev/stdout`,
+    however stdout is redirected) is written into: the rename of an atomic write would replace the link
+    or the device with a plain file.
     """
+    folder = path.parent
     try:
-        target = path.resolve()
-        if target.exists() and not target.is_file() and not target.is_dir():
-            target.write_bytes(content)
+        mode = _mode_if_any(path)
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            path.write_bytes(content)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = path.resolve()
+        folder = target.parent
+        folder.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda f: f.write(content))
-    except (OSError, RuntimeError) as error:  # RuntimeError: a symbolic link loop, before Python 3.13
-        raise UserError(f"{path}: cannot write ({_reason(error, path.parent)})") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot write ({_reason(error, folder)})") from None
+
+
+def _mode_if_any(path: Path) -> int | None:
+    """The mode of what `path` names, through symbolic links; None where nothing is. A loop of links
+    raises OSError here on every Python (Path.resolve returns it unchanged from 3.13 on)."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
 
 
 def made_folder(path: Path, what: str) -> Path:
@@ -77,7 +91,7 @@ def made_folder(path: Path, what: str) -> Path:
     return path
 
 
-def _reason(error: Exception, folder: Path) -> str:
+def _reason(error: OSError, folder: Path) -> str:
     """Why `folder` could not be made or written in: a file standing where it or a parent should be, else
     what the system said ("File exists" alone would not say which)."""
     for place in (folder, *folder.parents):
@@ -85,7 +99,7 @@ def _reason(error: Exception, folder: Path) -> str:
             if not os.path.isdir(place):
                 return f"{place} is a file, not a folder"
             break
-    return error.strerror or type(error).__name__ if isinstance(error, OSError) else str(error)
+    return error.strerror or type(error).__name__
 
 
 def may_write(folder: Path) -> bool:

@@ -81,6 +81,7 @@ def run_worker(
             make_pruner(config.pruner, run.epochs),
             command,
         )
+        # Once the study is there: its trials, the baseline and other workers' included, seed the sampler.
         study.sampler = make_sampler(run.seed, worker_index, len(study.get_trials(deepcopy=False)))
         retry = storage.get_heartbeat_stale_trial_callback()
         if progress is not None:

@@ -125,9 +125,16 @@ def open_storage(url: str, heartbeat: Heartbeat | None = None) -> RDBStorage:
     path = sqlite_path(url)
     if path is not None:
         made_folder(path.parent, "storage")
+        _refuse_a_folder(url, path)
         if path.is_file():
             check_sqlite_intact(path)
     return _connected(url, heartbeat)
+
+
+def _refuse_a_folder(url: str, path: Path) -> None:
+    """UserError where the SQLite file `path` of `url` is a folder (SQLite would only say it cannot open it)."""
+    if path.is_dir():
+        raise UserError(f"storage {url}: {path} is a folder, not a database file")
 
 
 class LoggedRetry(RetryHeartbeatStaleTrialCallback):
@@ -486,8 +493,7 @@ def open_existing_storage(url: str) -> RDBStorage:
     path = sqlite_path(url)
     if path is None:
         return open_storage(url)
-    if path.is_dir():
-        raise UserError(f"storage {url}: {path} is a folder, not a database file")
+    _refuse_a_folder(url, path)
     if not path.is_file():
         raise UserError(
             f"storage {url}: no such database file (start a study with `fer-search run`, or give --storage / --config)"

@@ -267,6 +267,31 @@ def test_a_full_disk_behind_stdout_is_one_line(tmp_path: Path, command: list[str
     assert_one_line_error(done.returncode, done.stderr.decode(), "standard output", "No space left on device")
 
 
+def test_export_out_dev_stdout_writes_into_a_pipe(tmp_path: Path) -> None:
+    """/dev/stdout resolves to a pipe that has no path: written into, not renamed over (which would fail)."""
+    storage = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(study_name="fer2013", storage=storage).enqueue_trial({"lr": 0.1})
+    command = [
+        sys.executable,
+        "-m",
+        "fer_search",
+        "export",
+        "--storage",
+        storage,
+        "--format",
+        "csv",
+        "--out",
+        "/dev/stdout",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("number,value,") and "WAITING" in done.stdout, done
+
+
+def test_a_folder_as_the_sqlite_file_of_run_is_named_a_folder(config: Path, tmp_path: Path) -> None:
+    code, output = invoke("run", "--config", config, "--trials", 1, "--storage", f"sqlite:///{tmp_path}")
+    assert_one_line_error(code, output, f"{tmp_path} is a folder, not a database file")
+
+
 def test_a_closed_pipe_behind_stdout_ends_quietly(tmp_path: Path) -> None:
     """As `fer-search export | head -1` once head has gone: click's quiet exit 1, no error line."""
     storage = f"sqlite:///{tmp_path}/s.db"
