@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 from click.testing import CliRunner, Result
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from fer_search.cli import main
 
@@ -78,7 +78,13 @@ def running_with_checkpoint(folder: Path) -> bool:
         trials = load(folder).get_trials(states=(TrialState.RUNNING,))
     except (KeyError, Exception):
         return False
-    return any(t.user_attrs.get("checkpoint_epoch", 0) >= 2 for t in trials)
+    return any(checkpointed_epochs(t) >= 2 for t in trials)
+
+
+def checkpointed_epochs(trial: FrozenTrial) -> int:
+    """The epochs a trial's checkpoint holds: 0 before its first, and once a trial that ended dropped it (the
+    attribute is then None, for a moment before the trial's state says it ended)."""
+    return trial.user_attrs.get("checkpoint_epoch") or 0
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

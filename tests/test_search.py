@@ -29,6 +29,7 @@ from searching import (
     QUICK_SPACE,
     SMALL_SPACE,
     checkpoint_files,
+    checkpointed_epochs,
     cli,
     crashing_worker,
     finished,
@@ -182,7 +183,7 @@ def _checkpointed(folder: Path) -> int:
         running = load(folder).get_trials(states=(TrialState.RUNNING,))
     except Exception:  # no database, or no study in it yet
         return 0
-    return sum(t.user_attrs.get("checkpoint_epoch", 0) >= 2 for t in running)
+    return sum(checkpointed_epochs(t) >= 2 for t in running)
 
 
 def test_a_retry_queued_once_the_study_holds_its_trials_still_runs(tmp_path: Path, tiny_fer: Path) -> None:
