@@ -250,40 +250,38 @@ def test_dashboard_warns_off_loopback(tmp_path: Path, monkeypatch: pytest.Monkey
     assert calls and calls[0]["host"] == "0.0.0.0"
 
 
+def program(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """`python -m fer_search ARGS` run to its end, in a process of its own (for what CliRunner cannot stage)."""
+    return subprocess.run([sys.executable, "-m", "fer_search", *args], **kwargs)
+
+
+def study_with_a_waiting_trial(folder: Path) -> str:
+    """The storage URL of a study "fer2013" in `folder`, holding one enqueued trial."""
+    storage = f"sqlite:///{folder}/s.db"
+    optuna.create_study(study_name="fer2013", storage=storage).enqueue_trial({"lr": 0.1})
+    return storage
+
+
 def test_python_m_is_the_same_program() -> None:
-    out = subprocess.run([sys.executable, "-m", "fer_search", "--help"], capture_output=True, text=True, check=True)
+    out = program("--help", capture_output=True, text=True, check=True)
     assert all(cmd in out.stdout for cmd in ("run", "status", "dashboard", "finalize", "predict", "data"))
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full, a device always full")
 @pytest.mark.parametrize("command", [["status"], ["export"], ["studies", "--json"]])
 def test_a_full_disk_behind_stdout_is_one_line(tmp_path: Path, command: list[str]) -> None:
-    storage = f"sqlite:///{tmp_path}/s.db"
-    optuna.create_study(study_name="fer2013", storage=storage).enqueue_trial({"lr": 0.1})
+    storage = study_with_a_waiting_trial(tmp_path)
     with open("/dev/full", "wb") as full:
-        done = subprocess.run(
-            [sys.executable, "-m", "fer_search", *command, "--storage", storage], stdout=full, stderr=subprocess.PIPE
-        )
+        done = program(*command, "--storage", storage, stdout=full, stderr=subprocess.PIPE)
     assert_one_line_error(done.returncode, done.stderr.decode(), "standard output", "No space left on device")
 
 
 def test_export_out_dev_stdout_writes_into_a_pipe(tmp_path: Path) -> None:
     """/dev/stdout resolves to a pipe that has no path: written into, not renamed over (which would fail)."""
-    storage = f"sqlite:///{tmp_path}/s.db"
-    optuna.create_study(study_name="fer2013", storage=storage).enqueue_trial({"lr": 0.1})
-    command = [
-        sys.executable,
-        "-m",
-        "fer_search",
-        "export",
-        "--storage",
-        storage,
-        "--format",
-        "csv",
-        "--out",
-        "/dev/stdout",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    storage = study_with_a_waiting_trial(tmp_path)
+    done = program(
+        "export", "--storage", storage, "--format", "csv", "--out", "/dev/stdout", capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.startswith("number,value,") and "WAITING" in done.stdout, done
 
 
@@ -294,13 +292,11 @@ def test_a_folder_as_the_sqlite_file_of_run_is_named_a_folder(config: Path, tmp_
 
 def test_a_closed_pipe_behind_stdout_ends_quietly(tmp_path: Path) -> None:
     """As `fer-search export | head -1` once head has gone: click's quiet exit 1, no error line."""
-    storage = f"sqlite:///{tmp_path}/s.db"
-    optuna.create_study(study_name="fer2013", storage=storage)
+    storage = study_with_a_waiting_trial(tmp_path)
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        command = [sys.executable, "-m", "fer_search", "export", "--storage", storage]
-        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE)
+        done = program("export", "--storage", storage, stdout=write_end, stderr=subprocess.PIPE)
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (1, b"")
