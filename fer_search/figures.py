@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fer_search.metrics import ClassificationReport
 from fer_search.model import BASELINE
+from fer_search.progress import count_text
 from fer_search.results import Finalized, FinalMetrics, SeedRun
 
 DPI = 110
@@ -198,12 +199,12 @@ def search_history_plot(study: optuna.Study, val_split: str) -> Plot:
     """Optuna's optimization history, on whole trial numbers."""
     complete, total = _count_complete(study), len(study.get_trials(deepcopy=False))
     if complete == 0:
-        return Plot(None, f"The search history is left out: no complete trial yet (of {_count(total, 'trial')}).")
+        return Plot(None, f"The search history is left out: no complete trial yet (of {count_text(total, 'trial')}).")
     target = f"{val_split} accuracy"
     return _optuna_plot(
         lambda plots: _whole_trials(plots.plot_optimization_history(study, target_name=target)),
         study,
-        f"Search history: best {target} of each complete trial ({complete} of {_count(total, 'trial')})",
+        f"Search history: best {target} of each complete trial ({complete} of {count_text(total, 'trial')})",
         "The search history is left out: Optuna could not draw it",
     )
 
@@ -224,7 +225,7 @@ def param_importances_plot(study: optuna.Study, val_split: str) -> Plot:
         # and labels the bars with the study's metric name (val_acc) rather than target_name.
         lambda plots: plots.plot_param_importances(study, target_name=target),
         study,
-        f"Parameter importances for {target} ({_count(_count_complete(study), 'complete trial')})",
+        f"Parameter importances for {target} ({count_text(_count_complete(study), 'complete trial')})",
         "Parameter importances are left out: Optuna could not draw them",
     )
 
@@ -250,14 +251,10 @@ def _no_importances_reason(study: optuna.Study, val_split: str) -> str | None:
         return f"Optuna could not estimate them ({error})"
     if len(set(importances.values())) <= 1:
         return (
-            f"Optuna's estimate gives each of the {_count(len(importances), 'parameter')} the same importance: "
+            f"Optuna's estimate gives each of the {count_text(len(importances), 'parameter')} the same importance: "
             f"none explains the differences between trials"
         )
     return None
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _count_complete(study: optuna.Study) -> int:
@@ -271,7 +268,7 @@ def _few_trials_note(study: optuna.Study) -> str | None:
         return None
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.get_trials(deepcopy=False))
     return (
-        f"Only {_count(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend. "
+        f"Only {count_text(complete, 'complete trial')} (fewer than {FEW_COMPLETE_TRIALS}): too few to read a trend. "
         f"Pruned trials ({pruned} here) are not shown."
     )
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fer_search.config import DROPOUT_RATES, broken_family_rule
+from fer_search.sources import SIZE
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,14 @@ def set_dropout_generator(model: nn.Module, generator: torch.Generator) -> None:
     for module in model.modules():
         if isinstance(module, Dropout):
             module.generator = generator
+
+
+def forward_flops(params: TrialParams) -> int:
+    """FLOPs of one image through the model: how an epoch's compute compares between two trials."""
+    model = build_model(params).eval()  # eval: one image through BatchNorm in train mode is an error
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 1, SIZE, SIZE))
+    return counter.get_total_flops()
 
 
 def count_parameters(model: nn.Module) -> int:

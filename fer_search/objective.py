@@ -17,9 +17,9 @@ from fer_search.config import Config
 from fer_search.data import FerData
 from fer_search.errors import first_line
 from fer_search.files import seed_of
-from fer_search.model import TrialParams
+from fer_search.model import TrialParams, forward_flops
 from fer_search.progress import Progress, ProgressFn, accuracy_text, cpu_estimate_text, duration_text, params_text
-from fer_search.space import suggest_params
+from fer_search.space import largest_model, suggest_params
 from fer_search.status import best_value, count_trials, retried_from
 from fer_search.storage import open_artifact_store
 from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, train_model
@@ -120,14 +120,15 @@ class Objective:
                 )
             )
 
-    def estimate_study(self, trial: optuna.Trial, epoch_s: float) -> None:
-        """Once, on the CPU: how long the study may take, at the pace of this first epoch."""
+    def estimate_study(self, trial: optuna.Trial, params: TrialParams, epoch_s: float) -> None:
+        """Once, on the CPU: how long the study may take, at the pace of this first epoch and at the largest model's."""
         if self.estimated or self.device.type != "cpu":
             return
         self.estimated = True
         run = self.config.run
         left = max(1, run.trials - count_trials(trial.study).finished)
-        log.info("%s", cpu_estimate_text(epoch_s, run.epochs, left, run.workers))
+        largest = forward_flops(largest_model(params, self.config.space)) / forward_flops(params)
+        log.info("%s", cpu_estimate_text(epoch_s, run.epochs, left, run.workers, largest))
 
     def _latest_checkpoint(self, trial: optuna.Trial, params: TrialParams, inherited: list[str]) -> Checkpoint | None:
         """The newest loadable checkpoint among `inherited` (newest first); None = epoch 1."""
@@ -201,7 +202,7 @@ class TrialRun:
             accuracy_text(record.val_acc),
             duration_text(record.seconds),
         )
-        self.objective.estimate_study(trial, record.seconds)
+        self.objective.estimate_study(trial, self.params, record.seconds)
         if self.objective.progress:
             self.objective.progress(
                 Progress(

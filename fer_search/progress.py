@@ -80,6 +80,11 @@ def accuracy_text(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else percent(value)
 
 
+def count_text(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless n is 1: "1 trial", "2 trials"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def params_text(params: Mapping[str, Any]) -> str:
     """A trial's parameters on one line; the dropout rates a pattern leaves unused (None) are left out."""
     return " ".join(f"{k}={_short(v)}" for k, v in params.items() if v is not None)
@@ -89,13 +94,26 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def cpu_estimate_text(epoch_s: float, epochs: int, trials_left: int, workers: int) -> str:
-    """What a first epoch on the CPU says of the study's length: the most it can take, and why it is less."""
-    most = epoch_s * epochs * math.ceil(trials_left / workers)
+def cpu_estimate_text(epoch_s: float, epochs: int, trials_left: int, workers: int, largest: float) -> str:
+    """What a first epoch on the CPU says of the study's length, at its pace and at the space's largest model's.
+
+    `largest`: how many times this trial's compute (model.forward_flops) the largest model the space
+    can draw takes (space.largest_model). An epoch's time on the CPU grows less than its compute (on
+    2 cores the default space's largest model, 14.2x the baseline's compute, trained 63 images/s to
+    its 577: 9.1x slower), so that figure is a bound, not a forecast.
+    """
+    rounds = epochs * math.ceil(trials_left / workers)
+    at_largest = (
+        f" and up to {duration_text(epoch_s * largest * rounds)} if each drew the space's largest model, "
+        f"{largest:.1f}x this one's compute"
+        if largest >= 1.05
+        else ""
+    )
     return (
-        f"on the CPU an epoch took {duration_text(epoch_s)}: the {trials_left} trials left, at up to {epochs} epochs "
-        f"each over {workers} worker{'s' if workers > 1 else ''} here, take up to {duration_text(most)} "
-        "(pruning stops most trials early, often halving that; a GPU is many times faster)"
+        f"on the CPU an epoch took {duration_text(epoch_s)}: the {count_text(trials_left, 'trial')} left, at up to "
+        f"{epochs} epochs each over {count_text(workers, 'worker')} here, would take {duration_text(epoch_s * rounds)} "
+        f"at this trial's pace{at_largest}; pruning stops most trials early, often halving that, and a GPU is many "
+        "times faster"
     )
 
 

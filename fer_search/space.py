@@ -60,6 +60,16 @@ def optuna_params(params: TrialParams, space: SpaceConfig) -> dict[str, Any] | N
     return out
 
 
+def largest_model(params: TrialParams, space: SpaceConfig) -> TrialParams:
+    """`params` with the widest and deepest architecture the space allows: the slowest trial it can draw."""
+    return dataclasses.replace(
+        params,
+        width=max(space.width),
+        convs_per_block=max(space.convs_per_block),
+        linear_depth=max(space.linear_depth),
+    )
+
+
 def params_from_trial(user_attrs: dict[str, Any]) -> TrialParams:
     """The full TrialParams a trial trained (stored whole, since fixed values are not params)."""
     return TrialParams.from_dict(user_attrs["trial_params"])

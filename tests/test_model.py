@@ -18,6 +18,7 @@ from fer_search.model import (
     build_model,
     check_params,
     count_parameters,
+    forward_flops,
     keep_scale,
 )
 
@@ -168,6 +169,18 @@ def test_parameter_count_of_a_small_model() -> None:
     # Width 0.5, no hidden layer: convs 160 + 4,640 + 18,496 + 73,856, their BNs 32 + 64 + 128
     # + 256, output Linear(128*3*3, 7) 8,071.
     assert count_parameters(build_model(params("none", 1, width=0.5))) == 105_703
+
+
+def test_forward_flops_of_a_small_model() -> None:
+    # Width 0.5, no hidden layer: 2 FLOPs a multiply-add; convs 16x1, 32x16, 64x32, 128x64 (x9 taps)
+    # at 48², 24², 12², 6², then Linear(1152, 7). Normalisation, ReLU and pooling are not counted.
+    convs = 2 * 9 * (16 * 1 * 48**2 + 32 * 16 * 24**2 + 64 * 32 * 12**2 + 128 * 64 * 6**2)
+    assert forward_flops(params("none", 1, width=0.5)) == convs + 2 * 1152 * 7 == 16_604_928
+
+
+def test_forward_flops_grow_with_the_square_of_the_width_and_with_convs_per_block() -> None:
+    assert 3.8 < forward_flops(params(width=2.0)) / forward_flops(params()) < 4
+    assert 3.5 < forward_flops(params(convs_per_block=2)) / forward_flops(params()) < 4
 
 
 def test_frozen_parameters_are_not_counted() -> None:

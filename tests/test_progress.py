@@ -53,10 +53,20 @@ def test_params_leave_out_the_unused_dropout_rates() -> None:
     assert text == "dropout_pattern=head lr=0.0001235 width=1.5"
 
 
-def test_the_cpu_estimate_is_the_most_the_study_takes() -> None:
-    text = cpu_estimate_text(epoch_s=40, epochs=30, trials_left=49, workers=2)
+def test_the_cpu_estimate_is_the_study_at_this_pace_and_at_the_largest_model_s() -> None:
+    text = cpu_estimate_text(epoch_s=40, epochs=30, trials_left=49, workers=2, largest=4.0)
     assert "40 s" in text and "49 trials left" in text and "2 workers" in text
-    assert "up to 8 h 20 min" in text  # 25 rounds of two trials, 30 epochs of 40 s each
+    assert "would take 8 h 20 min at this trial's pace" in text  # 25 rounds of two trials, 30 epochs of 40 s each
+    assert "and up to 33 h 20 min if each drew the space's largest model, 4.0x this one's compute;" in text
+
+
+def test_the_cpu_estimate_of_a_trial_as_large_as_any_has_one_figure() -> None:
+    text = cpu_estimate_text(epoch_s=40, epochs=30, trials_left=1, workers=1, largest=1.0)
+    assert (
+        "1 trial left, at up to 30 epochs each over 1 worker here, would take 20 min 00 s at this trial's pace; pruning"
+        in text
+        and "largest" not in text
+    )
 
 
 def test_eta_is_the_pace_so_far_times_the_work_left() -> None:

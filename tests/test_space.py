@@ -12,7 +12,7 @@ import pytest
 
 from fer_search.config import FAMILY_RULES, PATTERNS, FloatRange, SpaceConfig
 from fer_search.model import BASELINE, BLOCK_DROPOUTS, TrialParams, build_model, used_dropouts
-from fer_search.space import optuna_params, params_from_trial, suggest_params
+from fer_search.space import largest_model, optuna_params, params_from_trial, suggest_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -138,6 +138,16 @@ def test_everything_fixed_suggests_nothing() -> None:
     trial, params = ask_params(space)
     assert trial.params == {}
     assert params == BASELINE
+
+
+def test_the_largest_model_is_the_widest_and_deepest_the_space_allows_with_the_rest_kept() -> None:
+    space = SpaceConfig(width=(1.5, 0.5), convs_per_block=(1, 2), linear_depth=(2, 1))
+    assert largest_model(BASELINE, space) == dataclasses.replace(BASELINE, width=1.5, convs_per_block=2)
+
+
+def test_in_a_fixed_architecture_the_largest_model_is_the_trial_s_own() -> None:
+    space = SpaceConfig(width=(1.0,), convs_per_block=(1,), linear_depth=(2,))
+    assert largest_model(BASELINE, space) == BASELINE
 
 
 ROUND_TRIP_PARAMS = {
