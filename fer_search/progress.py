@@ -103,6 +103,7 @@ def cpu_estimate_text(epoch_s: float, epochs: int, trials_left: int, workers: in
     its 577: 9.1x slower), so that figure is a bound, not a forecast.
     """
     rounds = epochs * math.ceil(trials_left / workers)
+    # Under 1.05 the trial is as large as the space allows (its head alone may differ): "1.0x" says nothing.
     at_largest = (
         f" and up to {duration_text(epoch_s * largest * rounds)} if each drew the space's largest model, "
         f"{largest:.1f}x this one's compute"
