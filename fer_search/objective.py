@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import time
@@ -21,13 +22,14 @@ from fer_search.model import TrialParams, forward_flops
 from fer_search.progress import Progress, ProgressFn, accuracy_text, cpu_estimate_text, duration_text, params_text
 from fer_search.space import largest_model, suggest_params
 from fer_search.status import best_value, count_trials, retried_from
-from fer_search.storage import open_artifact_store
+from fer_search.storage import disk_full_error, open_artifact_store
 from fer_search.train import Checkpoint, DivergedError, EpochRecord, TrainResult, TrainSettings, train_model
 
 log = logging.getLogger("fer_search")
 # User attribute: the number of the trial whose objective started (set first thing in it).
 STARTED = "started_as"
-# User attribute: why the objective itself ended its trial (out of memory, diverged); such a trial gets no retry.
+# User attribute: why the objective itself ended its trial (out of memory, diverged, an error); such a trial gets
+# no retry. A failed trial without one failed as its worker died (search.queue_lost_retries).
 FAIL_REASON = "fail_reason"
 
 
@@ -71,6 +73,11 @@ class Objective:
             return run.end(outcome)
         except optuna.exceptions.UpdateFinishedTrialError:
             self.failed_elsewhere = True
+            raise
+        except (optuna.TrialPruned, OutOfMemory):
+            raise
+        except Exception as e:
+            record_error(trial, e)  # before Optuna fails the trial
             raise
 
     def start(self, trial: optuna.Trial) -> TrialRun:
@@ -297,6 +304,15 @@ class TrialRun:
         self.trial.set_user_attr("seconds", round(seconds, 3))
         if rates:
             self.trial.set_user_attr("images_per_s", round(sum(rates) / len(rates), 1))
+
+
+def record_error(trial: optuna.Trial, error: Exception) -> None:
+    """Record in `fail_reason` the error (a bug) that is about to fail `trial`; a full disk is no such error,
+    as its trial is queued again (and its copy, which keeps its user attributes, must not say it failed)."""
+    if disk_full_error(error) is not None:
+        return
+    with contextlib.suppress(Exception):  # the storage may be what failed: the trial is then retried as stale
+        trial.set_user_attr(FAIL_REASON, f"error: {type(error).__name__}: {first_line(error)}")
 
 
 def _check_still_running(trial: optuna.Trial) -> None:

@@ -21,7 +21,15 @@ from fer_search.data import load_configured
 from fer_search.errors import Crashed, UserError, first_line, log_level, logging_to
 from fer_search.fuse import SHARED_FIELDS, Member, fuse_key, train_fused
 from fer_search.model import TrialParams
-from fer_search.objective import FAIL_REASON, STARTED, Objective, OutOfMemory, TrialRun, is_out_of_memory
+from fer_search.objective import (
+    FAIL_REASON,
+    STARTED,
+    Objective,
+    OutOfMemory,
+    TrialRun,
+    is_out_of_memory,
+    record_error,
+)
 from fer_search.processes import (
     ChildError,
     ended_interrupted,
@@ -35,8 +43,8 @@ from fer_search.processes import (
     stopped_on_leaving_early,
 )
 from fer_search.progress import Progress, ProgressFn, StudyCount, accuracy_text, duration_text, params_text
-from fer_search.status import best_trial, count_trials, full_params, study_status, trial_seconds
-from fer_search.storage import Heartbeat, TrialClaim, disk_full_error, opened_storage
+from fer_search.status import best_trial, count_trials, full_params, retried_from, study_status, trial_seconds
+from fer_search.storage import Heartbeat, LoggedRetry, TrialClaim, disk_full_error, opened_storage, stale_retry
 from fer_search.study import ensure_study, make_pruner, make_sampler, quiet_optuna, study_record
 from fer_search.train import TrainResult, configure_cpu_threads, resolve_device
 
@@ -83,7 +91,7 @@ def run_worker(
         )
         # Once the study is there: its trials, the baseline and other workers' included, seed the sampler.
         study.sampler = make_sampler(run.seed, worker_index, len(study.get_trials(deepcopy=False)))
-        retry = storage.get_heartbeat_stale_trial_callback()
+        retry = stale_retry(storage)
         if progress is not None:
             progress(StudyCount(count_trials(study).finished, run.trials))
         objective = Objective(config, data, device, worker_index, progress)
@@ -94,7 +102,7 @@ def _take_trials(
     study: optuna.Study,
     objective: Objective,
     progress: ProgressFn | None,
-    retry: Callable[[optuna.Study, FrozenTrial], None] | None,
+    retry: LoggedRetry | None,
     claim: TrialClaim,
 ) -> RunOutcome:
     run = objective.config.run
@@ -177,8 +185,8 @@ def _stopping_past_optuna(objective: Objective, asked: Callable[[], None]) -> Ca
     place of an interrupt or a full disk."""
 
     def run(trial: optuna.Trial) -> float:
-        asked()
         try:
+            asked()  # inside: Optuna fails the trial of an interrupt that escapes, with no copy queued yet
             return objective(trial)
         except KeyboardInterrupt as e:
             raise _Stopped(e) from None
@@ -306,6 +314,7 @@ def _tell_member(
         full = disk_full_error(e)
         if full is not None:
             raise _Stopped(full) from None
+        record_error(run.trial, e)
         objective.current.remove(number)
         study.tell(run.trial, state=TrialState.FAIL)  # a bug: failed, and the worker ends with its traceback
         raise
@@ -334,7 +343,7 @@ class OrphanWatch:
     clock from when it first saw it, since the workers' clocks may disagree.
     """
 
-    def __init__(self, grace_period: int, retry: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+    def __init__(self, grace_period: int, retry: LoggedRetry | None) -> None:
         self.grace_period, self.retry = grace_period, retry
         self.first_seen: dict[int, float] = {}  # trial number -> time.monotonic() when first seen unstarted
 
@@ -359,10 +368,31 @@ class OrphanWatch:
 def fail_dead_trials(study: optuna.Study, orphans: OrphanWatch) -> None:
     """Fail the trials whose worker is gone (stale, or never started) and queue their retries."""
     # A Ctrl-C between the two writes would leave a trial failed and its retry never queued: its
-    # checkpoint would never be resumed. The interrupt waits until both are written.
+    # checkpoint would never be resumed. The interrupt waits until both are written; a kill -9 cannot
+    # be made to wait, and the next worker to look queues what it lost.
     with interrupts_deferred():
         fail_stale_trials(study)
         orphans.fail_and_retry(study)
+        if orphans.retry is not None:
+            queue_lost_retries(study, orphans.retry)
+
+
+def queue_lost_retries(study: optuna.Study, retry: LoggedRetry) -> None:
+    """Queue the retry of each failed trial that is owed one and has none: its worker died, and the worker that
+    failed it was killed before it queued the retry (the two are separate writes).
+
+    Such a trial is known by what it lacks. A trial its own worker failed says why (objective.FAIL_REASON: out of
+    memory, an error), and every trial queued again is named by its copy (status.retried_from): a retry's
+    `retry_history`, a Ctrl-C's requeue (queued before its trial is failed). Called under the claim, so no
+    other worker is between the two writes (MySQL, which has no claim, may queue a retry twice).
+    """
+    trials = study.get_trials(deepcopy=False)
+    continued = {retried_from(t) for t in trials}
+    for trial in trials:
+        lost = trial.state == TrialState.FAIL and FAIL_REASON not in trial.user_attrs
+        if lost and trial.number not in continued and retry.queues(trial):
+            log.warning("trial %d was failed without its retry: the worker failing it was killed first", trial.number)
+            retry(study, trial)
 
 
 def _tell_end(study: optuna.Study, objective: Objective, trial: FrozenTrial, progress: ProgressFn | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import functools
@@ -144,22 +145,33 @@ class LoggedRetry(RetryHeartbeatStaleTrialCallback):
         super().__init__(max_retry=max_retry)
         self.max_retry = max_retry
 
+    def queues(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether a call on `trial` queues its retry: it was retried fewer than run.max_retry times."""
+        return len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) < self.max_retry
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1  # this one included
-        super().__call__(study, trial)
-        if retries > self.max_retry:
+        # A copy: Optuna's callback appends to the retry_history list of the trial it is given, which for a
+        # trial read from the study's cache without a copy would change what this process sees of that trial.
+        super().__call__(study, copy.deepcopy(trial))
+        if self.queues(trial):
+            log.warning(
+                "trial %d failed, its worker gone; queued again (retry %d of %d) to continue from its checkpoint",
+                trial.number,
+                len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1,
+                self.max_retry,
+            )
+        else:
             log.warning(
                 "trial %d failed, its worker gone; not retried: it was retried %d times already (run.max_retry)",
                 trial.number,
                 self.max_retry,
             )
-        else:
-            log.warning(
-                "trial %d failed, its worker gone; queued again (retry %d of %d) to continue from its checkpoint",
-                trial.number,
-                retries,
-                self.max_retry,
-            )
+
+
+def stale_retry(storage: RDBStorage) -> LoggedRetry | None:
+    """The retry `storage` queues for a trial it fails as stale; None for a storage opened without a heartbeat."""
+    retry = storage.get_heartbeat_stale_trial_callback()
+    return retry if isinstance(retry, LoggedRetry) else None
 
 
 def _connected(

@@ -18,6 +18,7 @@ from test_train import MISFITS, tampered, train_recording
 from fer_search import objective, storage
 from fer_search.data import load_data
 from fer_search.model import TrialParams
+from fer_search.status import retried_from
 from fer_search.train import DivergedError
 
 
@@ -84,6 +85,29 @@ def test_a_bug_in_a_trial_is_not_taken_for_a_trial_failed_elsewhere(
     with pytest.raises(ValueError, match="a bug"):
         cli("run", "--config", config, "--trials", 3, "--epochs", 1, "--device", "cpu", "--timeout", 60)
     assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL]
+
+
+@pytest.mark.parametrize("fuse", [1, 2], ids=["alone", "fused"])
+def test_a_trial_failed_by_a_bug_says_so_and_the_next_run_does_not_retry_it(
+    tmp_path: Path, tiny_fer: Path, monkeypatch: pytest.MonkeyPatch, fuse: int
+) -> None:
+    """A failed trial that gives no reason is taken for one whose worker died with its retry unqueued
+    (search.queue_lost_retries): without its reason, the bug's trial was trained again by the next run."""
+
+    def broken(self: objective.TrialRun) -> None:
+        raise ValueError("a bug\nits second line")
+
+    monkeypatch.setattr(objective.TrialRun, "drop_checkpoint", broken)  # as the trial ends, alone or fused
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    run = ("run", "--config", config, "--epochs", 1, "--device", "cpu", "--fuse", fuse)
+    with pytest.raises(ValueError, match="a bug"):
+        cli(*run, "--trials", 2)
+    [failed] = load(tmp_path).get_trials(states=(TrialState.FAIL,))
+    assert failed.user_attrs["fail_reason"] == "error: ValueError: a bug"
+    monkeypatch.undo()
+    assert cli(*run, "--trials", 2, "--timeout", 120).exit_code == 0
+    study = load(tmp_path)
+    assert len(finished(study)) == 2 and failed.number not in {retried_from(t) for t in study.trials}
 
 
 @pytest.fixture(scope="module")

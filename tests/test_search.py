@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -368,6 +369,66 @@ def test_an_interrupt_while_a_dead_trial_is_failed_waits_for_its_retry(tmp_path:
     states = [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
     storage.engine.dispose()
+
+
+# A worker killed (SIGKILL) between failing a dead trial and queueing its retry: the trial's state is written,
+# the retry is not. argv: the database URL.
+KILLED_WHILE_FAILING = """
+import os, signal, sys
+import optuna
+from fer_search import search
+from fer_search.storage import LoggedRetry, open_storage
+
+class KilledFirst(LoggedRetry):
+    def __call__(self, study, trial):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+study = optuna.load_study(study_name="fer2013", storage=open_storage(sys.argv[1]))
+study.ask()  # a trial whose worker died before starting it
+search.fail_dead_trials(study, search.OrphanWatch(grace_period=0, retry=KilledFirst(max_retry=3)))
+"""
+
+
+def test_a_dead_trial_whose_retry_a_kill_lost_is_retried_by_the_next_run(tmp_path: Path, tiny_fer: Path) -> None:
+    """Failing a dead trial and queueing its retry are two writes, and kill -9 cannot be deferred: without the
+    next worker's repair, the trial stayed failed and its checkpoint was never resumed."""
+    config = write_config(tmp_path, tiny_fer, FAST_RUN)
+    assert cli("run", "--config", config, "--trials", 1, "--epochs", 1, "--device", "cpu").exit_code == 0
+    url = f"sqlite:///{tmp_path}/studies/fer2013.db"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_FAILING, url], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE, TrialState.FAIL]  # and no retry
+    result = cli("run", "--config", config, "--trials", 2, "--epochs", 1, "--device", "cpu", "--timeout", 120)
+    assert result.exit_code == 0 and "timeout" not in result.output
+    study = load(tmp_path)
+    [retry] = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert retry.state in (TrialState.COMPLETE, TrialState.PRUNED) and len(study.trials) == 3
+
+
+def failed_trial(user_attrs: dict[str, object] | None = None, retries: int = 0) -> optuna.trial.FrozenTrial:
+    history = {"retry_history": list(range(100, 100 + retries))} if retries else {}
+    return optuna.create_trial(state=TrialState.FAIL, user_attrs=user_attrs or {}, system_attrs=history)
+
+
+def test_only_the_failed_trials_owed_a_retry_get_one_and_only_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    for trial in [
+        failed_trial(),  # 0: its worker died, and so did the one failing it: owed a retry
+        failed_trial({"fail_reason": "error: ValueError: a bug"}),  # 1: failed by its own worker
+        failed_trial(),  # 2: requeued by a Ctrl-C, as 3
+        optuna.create_trial(state=TrialState.WAITING, user_attrs={"resumed_from": 2}),
+        failed_trial(retries=3),  # 4: retried run.max_retry times already
+        optuna.create_trial(state=TrialState.COMPLETE, value=0.5),  # 5
+    ]:
+        study.add_trial(trial)
+    caplog.set_level(logging.WARNING, "fer_search")
+    for _ in range(2):
+        search.queue_lost_retries(study, LoggedRetry(max_retry=3))
+    assert [(t.number, t.system_attrs.get("retry_history")) for t in study.trials[6:]] == [(6, [0])]
+    assert caplog.messages[0] == "trial 0 was failed without its retry: the worker failing it was killed first"
+    assert len(caplog.messages) == 2  # and LoggedRetry's line
 
 
 def test_a_live_workers_trial_failed_by_another_is_handed_to_its_retry(tmp_path: Path, tiny_fer: Path) -> None:

@@ -443,6 +443,18 @@ def test_a_retried_trial_says_so_in_the_log(tmp_path: Path, caplog: pytest.LogCa
     assert len(study.trials) == 2  # no third
 
 
+def test_a_retry_leaves_the_trial_it_copies_as_it_was(tmp_path: Path) -> None:
+    """Optuna's callback appends to the retry_history list of the trial it is given: a finished trial read from the
+    study's cache without a copy would then name itself as the trial it continues."""
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db")
+    failed = optuna.trial.TrialState.FAIL
+    study.add_trial(optuna.create_trial(state=failed, system_attrs={"retry_history": [7]}))
+    [cached] = study.get_trials(deepcopy=False)
+    LoggedRetry(max_retry=3)(study, cached)
+    assert [t.system_attrs["retry_history"] for t in study.get_trials(deepcopy=False)] == [[7], [7, 0]]
+    assert cached.system_attrs["retry_history"] == [7]
+
+
 # --- the trial claim -----------------------------------------------------------------------------
 
 # Another worker's process: takes the claim, then releases it at the first line on stdin, and ends at the second
